@@ -1,0 +1,135 @@
+"""Config system: `_base_` chains, typed overrides, unknown keys, round trip."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from utils.config import DEFAULT_SCHEMA, Config, ConfigError, load_config, save_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_are_the_schema():
+    cfg = load_config(None)
+    schema = yaml.safe_load(DEFAULT_SCHEMA.read_text())
+    assert cfg.to_dict() == schema
+    assert cfg.solver.lr == pytest.approx(1e-5)
+    assert cfg.model.clip.image_size == [384, 128]
+    assert cfg.gass.init_score == 0.85
+
+
+def test_base_chain_relative_paths_and_lists(tmp_path):
+    write(tmp_path / "a" / "root.yaml", {"solver": {"lr": 0.5, "epochs": 3}, "seed": 7})
+    write(tmp_path / "a" / "other.yaml", {"solver": {"epochs": 4}, "data": {"batch_size": 9}})
+    write(tmp_path / "b" / "mid.yaml", {"_base_": ["../a/root.yaml", "../a/other.yaml"], "seed": 8})
+    leaf = write(tmp_path / "b" / "c" / "leaf.yaml", {"_base_": "../mid.yaml", "solver": {"lr": 0.25}})
+    cfg = load_config(leaf)
+    assert cfg.solver.lr == 0.25          # leaf wins
+    assert cfg.solver.epochs == 4         # later base wins over earlier base
+    assert cfg.seed == 8                  # mid wins over its bases
+    assert cfg.data.batch_size == 9
+    assert cfg.data.num_workers == 8      # untouched default
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(None, ["solver.lr=1e-4", "solver.epochs=3", "model.clip.image_size=[64, 32]",
+                             "data.img_aug=false", "model.clip.pretrained=", "eval.datasets=[CUHK-PEDES]",
+                             "solver.warmup_factor=1"])
+    assert isinstance(cfg.solver.lr, float) and cfg.solver.lr == pytest.approx(1e-4)
+    assert cfg.solver.epochs == 3
+    assert cfg.model.clip.image_size == [64, 32]
+    assert cfg.data.img_aug is False
+    assert cfg.model.clip.pretrained == ""
+    assert cfg.eval.datasets == ["CUHK-PEDES"]
+    assert isinstance(cfg.solver.warmup_factor, float)
+
+
+def test_yaml_float_without_dot_in_file(tmp_path):
+    # YAML 1.1 reads 1e-5 as a string; the schema says float, so it becomes one.
+    f = write(tmp_path / "x.yaml", {})
+    f.write_text("solver:\n  lr: 1e-5\n")
+    assert load_config(f).solver.lr == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("solver.lt=1", "'solver.lr'"),
+    ("lr=1", "'solver.lr'"),
+    ("gass.num_layer=2", "'gass.num_layers'"),
+])
+def test_unknown_override_suggests(override, fragment):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    msg = str(exc.value)
+    assert "unknown config key" in msg and fragment in msg and override in msg
+
+
+def test_unknown_key_in_file_names_file_and_suggestion(tmp_path):
+    f = write(tmp_path / "bad.yaml", {"data": {"batchsize": 4}})
+    with pytest.raises(ConfigError) as exc:
+        load_config(f)
+    msg = str(exc.value)
+    assert str(f) in msg and "'data.batchsize'" in msg and "'data.batch_size'" in msg
+
+
+def test_unknown_key_in_base_names_the_base(tmp_path):
+    base = write(tmp_path / "base2.yaml", {"solver": {"lrr": 1.0}})
+    leaf = write(tmp_path / "leaf.yaml", {"_base_": "base2.yaml"})
+    with pytest.raises(ConfigError, match="base2.yaml"):
+        load_config(leaf)
+    assert base.exists()
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("solver.epochs=abc", "expected an integer"),
+    ("solver.lr=fast", "expected a number"),
+    ("data.img_aug=3", "expected true/false"),
+    ("model.clip.image_size=5", "expected a list"),
+    ("solver=3", "must be a mapping"),
+    ("noequals", "key=value"),
+])
+def test_bad_override_values(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, [override])
+
+
+def test_missing_file_and_cycle(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    write(tmp_path / "a.yaml", {"_base_": "b.yaml"})
+    write(tmp_path / "b.yaml", {"_base_": "a.yaml"})
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "broken.yaml").write_text("solver: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot parse YAML"):
+        load_config(tmp_path / "broken.yaml")
+
+
+def test_resolved_round_trip(tmp_path):
+    cfg = load_config(None, ["solver.lr=3e-4", "data.name=CUHK-PEDES", "model.clip.arch=tiny"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again == cfg
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_attribute_access_errors_suggest():
+    cfg = Config({"solver": {"lr": 1.0}})
+    assert cfg.solver.lr == 1.0
+    with pytest.raises(AttributeError, match="'lr'"):
+        _ = cfg.solver.lt
+    cfg.solver.lr = 2.0
+    assert cfg["solver"]["lr"] == 2.0
+
+
+def test_every_shipped_yaml_resolves():
+    files = sorted((REPO / "configs").rglob("*.yaml"))
+    assert files, "no configs shipped"
+    for f in files:
+        load_config(f)
