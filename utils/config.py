@@ -17,8 +17,9 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -60,7 +61,7 @@ class Config(dict):
     def __delattr__(self, name: str) -> None:
         del self[name]
 
-    def __deepcopy__(self, memo: dict) -> "Config":
+    def __deepcopy__(self, memo: dict) -> Config:
         return Config(copy.deepcopy(self.to_dict(), memo))
 
     def to_dict(self) -> dict:
