@@ -1,0 +1,182 @@
+"""The GA-DMS retrieval model: CLIP backbone + heads + losses (METHOD.md §2, §6).
+
+State-dict layout is the reference's (`base_model.<OpenAI keys>`, `cross_attn.*`,
+`cross_modal_transformer.*`, `ln_pre_t`, `ln_pre_i`, `ln_post`, `mlm_head.*`,
+`classifier.*`), so checkpoints released by the GA-DMS authors and by IRRA load.
+
+The training forward takes a batch dict and returns weighted `*_loss` terms (the
+loop sums them), accuracies, and — when GASS is on — the batch's token scores,
+which the training loop writes into the score cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from model import objectives
+from model.clip import CLIP, build_clip_from_config
+from model.gass import css_scores, gass_scores
+from model.heads import CrossModalMLM, build_classifier, build_mlm_modules
+from utils import comm
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GADMS", "build_model"]
+
+SCORINGS = ("gass", "css")
+
+
+class GADMS(CrossModalMLM, nn.Module):
+    """Retrieval model with SDM/ITC/ID/MLM objectives and GASS token scoring.
+
+    Args:
+        base_model: The CLIP backbone.
+        loss_names: Objectives to compute, any of sdm, itc, id, mlm.
+        loss_weights: Weight per objective name (missing names weigh 1.0).
+        temperature: Fixed similarity temperature (logit scale = 1 / temperature).
+        num_classes: Training identities (needed by the ID loss only).
+        cmt_depth: Layers of the cross-modal transformer of the MLM branch.
+        gass: Compute token scores during training.
+        gass_layers: Scored text layers (the last N).
+        gass_scales: Smoothing windows of the q/k cosine.
+        gass_attn_norm: "importance" (released code) or "attention" (paper).
+        gass_normalize: "batch" (released code) or "sample".
+        scoring: "gass", or "css" for the plain cosine-similarity ablation.
+        gather_features: Compute contrastive losses over all DDP ranks' samples.
+    """
+
+    def __init__(
+        self,
+        base_model: CLIP,
+        *,
+        loss_names: list[str],
+        loss_weights: Mapping[str, float] | None = None,
+        temperature: float = 0.02,
+        num_classes: int = 0,
+        cmt_depth: int = 4,
+        gass: bool = False,
+        gass_layers: int = 8,
+        gass_scales: tuple[int, ...] = (1, 2),
+        gass_attn_norm: str = "importance",
+        gass_normalize: str = "batch",
+        scoring: str = "gass",
+        gather_features: bool = False,
+    ) -> None:
+        super().__init__()
+        if scoring not in SCORINGS:
+            raise ValueError(f"unknown scoring {scoring!r}; valid: {', '.join(SCORINGS)}")
+        if "sdm" not in loss_names and "itc" not in loss_names and gass:
+            logger.warning("GASS is on but no contrastive loss (sdm/itc) uses the noise-masked captions")
+        self.base_model = base_model
+        # The backbone's learnable CLIP temperature is not used (tau is fixed):
+        # freezing it keeps "every trainable parameter gets a gradient" true,
+        # which DDP without find_unused_parameters relies on.
+        self.base_model.logit_scale.requires_grad_(False)
+        self.loss_names = list(loss_names)
+        self.loss_weights = {name: float((loss_weights or {}).get(name, 1.0)) for name in self.loss_names}
+        self.temperature = float(temperature)
+        self.logit_scale = 1.0 / self.temperature
+        self.num_classes = int(num_classes)
+        self.embed_dim = base_model.embed_dim
+        self.vocab_size = base_model.vocab_size
+        self.gass = gass
+        self.gass_layers = gass_layers
+        self.gass_scales = tuple(gass_scales)
+        self.gass_attn_norm = gass_attn_norm
+        self.gass_normalize = gass_normalize
+        self.scoring = scoring
+        self.gather_features = gather_features
+        if "id" in self.loss_names:
+            self.classifier = build_classifier(self.embed_dim, self.num_classes)
+        if "mlm" in self.loss_names:
+            for name, module in build_mlm_modules(self.embed_dim, cmt_depth, self.vocab_size).items():
+                self.add_module(name, module)
+
+    # ------------------------------------------------------------ inference
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Image features [B, D] (not normalised), float32."""
+        return self.base_model.encode_image(images)[:, 0].float()
+
+    def encode_text(self, ids: Tensor) -> Tensor:
+        """Text features [B, D] at the EOT position (not normalised), float32."""
+        tokens = self.base_model.encode_text(ids)
+        return tokens[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)].float()
+
+    def token_scores(self, image_feats: Tensor, ids: Tensor) -> Tensor:
+        """Per-token scores [B, L] of the clean captions (GASS or the CSS ablation)."""
+        if self.scoring == "css":
+            return css_scores(self.base_model, image_feats, ids, normalize=self.gass_normalize)
+        return gass_scores(
+            self.base_model, image_feats, ids, self.gass_layers,
+            scales=self.gass_scales, attn_norm=self.gass_attn_norm, normalize=self.gass_normalize,
+        )
+
+    # ------------------------------------------------------------- training
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Weighted losses (`*_loss`), accuracies and, with GASS on, `gass_scores`.
+
+        Batch keys: `images` [B,3,H,W], `pids` [B], `caption_ids` [B,L] (clean);
+        optional `noise_ids` (contrastive caption; default the clean one);
+        `mlm_ids` and `mlm_labels` when the MLM loss is on.
+        """
+        images, pids, clean_ids = batch["images"], batch["pids"], batch["caption_ids"]
+        contrast_ids = batch.get("noise_ids", clean_ids)
+        image_tokens = self.base_model.encode_image(images)
+        image_feats = image_tokens[:, 0].float()
+        text_feats = self.encode_text(contrast_ids)
+        out: dict[str, Tensor] = {"temperature": torch.tensor(self.temperature)}
+        weights = self.loss_weights
+
+        if "sdm" in self.loss_names:
+            out["sdm_loss"] = weights["sdm"] * objectives.sdm_loss(
+                image_feats, text_feats, pids, self.logit_scale, gather=self.gather_features)
+        if "itc" in self.loss_names:
+            out["itc_loss"] = weights["itc"] * objectives.itc_loss(
+                image_feats, text_feats, self.logit_scale, gather=self.gather_features)
+        if "id" in self.loss_names:
+            image_logits = self.classifier(image_feats)
+            text_logits = self.classifier(text_feats)
+            out["id_loss"] = weights["id"] * objectives.id_loss(image_logits, text_logits, pids)
+            out["img_acc"] = objectives.classification_accuracy(image_logits, pids)
+            out["txt_acc"] = objectives.classification_accuracy(text_logits, pids)
+        if "mlm" in self.loss_names:
+            if "mlm_ids" not in batch or "mlm_labels" not in batch:
+                raise KeyError("the mlm loss needs batch['mlm_ids'] and batch['mlm_labels']")
+            logits = self.predict_tokens(self.base_model.encode_text(batch["mlm_ids"]), image_tokens)
+            labels = batch["mlm_labels"]
+            out["mlm_loss"] = weights["mlm"] * objectives.mlm_loss(logits, labels)
+            out["mlm_acc"] = objectives.masked_accuracy(logits, labels)
+        if self.gass and self.training:
+            out["gass_scores"] = self.token_scores(image_feats.detach(), clean_ids)
+        return out
+
+
+def build_model(cfg: Any, num_classes: int = 0) -> GADMS:
+    """The retrieval model described by a resolved config.
+
+    Args:
+        cfg: The full config (reads `model.*` and `gass.*`).
+        num_classes: Training identities (for the ID classifier).
+    """
+    loss_names = objectives.parse_loss_names(cfg.model.loss_names)
+    base_model = build_clip_from_config(cfg.model.clip)
+    return GADMS(
+        base_model,
+        loss_names=loss_names,
+        loss_weights=dict(cfg.model.loss_weights),
+        temperature=cfg.model.temperature,
+        num_classes=num_classes,
+        cmt_depth=cfg.model.cmt_depth,
+        gass=cfg.gass.enabled,
+        gass_layers=cfg.gass.num_layers,
+        gass_scales=tuple(cfg.gass.scales),
+        gass_attn_norm=cfg.gass.attn_norm,
+        gass_normalize=cfg.gass.normalize,
+        scoring=cfg.gass.scoring,
+        gather_features=comm.get_world_size() > 1,
+    )

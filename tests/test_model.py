@@ -1,0 +1,173 @@
+"""The retrieval model: losses, gradients, reference state-dict layout, checkpoint loading."""
+
+import pytest
+import torch
+
+from model.build import build_model
+from model.weights import IncompatibleWeightsError, load_model_weights, load_pretrained, read_checkpoint
+from utils.config import load_config
+
+SOT, EOT, MASK = 49406, 49407, 49405
+TINY = ["model.clip.arch=tiny", "model.clip.pretrained=", "model.clip.image_size=[64, 32]",
+        "gass.num_layers=2", "model.cmt_depth=1"]
+
+
+def tiny_cfg(*extra):
+    return load_config(None, TINY + list(extra))
+
+
+def make_batch(batch=4, num_classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(batch, 77, dtype=torch.long)
+    for b in range(batch):
+        n = 4 + b
+        ids[b, 0] = SOT
+        ids[b, 1:n + 1] = torch.randint(1, MASK, (n,), generator=g)
+        ids[b, n + 1] = EOT
+    mlm_ids, labels = ids.clone(), torch.zeros_like(ids)
+    labels[:, 1] = ids[:, 1]
+    mlm_ids[:, 1] = MASK
+    return {
+        "images": torch.randn(batch, 3, 64, 32, generator=g),
+        "pids": torch.arange(batch) % num_classes,
+        "caption_ids": ids,
+        "noise_ids": ids.clone(),
+        "mlm_ids": mlm_ids,
+        "mlm_labels": labels,
+    }
+
+
+def test_forward_returns_weighted_losses_and_scores():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("model.loss_names=sdm+id+mlm", "model.loss_weights.mlm=0.5"), num_classes=3)
+    model.train()
+    out = model(make_batch())
+    assert {"sdm_loss", "id_loss", "mlm_loss", "mlm_acc", "img_acc", "txt_acc", "gass_scores"} <= set(out)
+    assert out["gass_scores"].shape == (4, 77) and not out["gass_scores"].requires_grad
+    # The weight is applied inside the model: compare with weight 1.
+    torch.manual_seed(0)
+    unweighted = build_model(tiny_cfg("model.loss_names=sdm+id+mlm", "model.loss_weights.mlm=1.0"), num_classes=3)
+    unweighted.train()
+    assert torch.allclose(out["mlm_loss"], 0.5 * unweighted(make_batch())["mlm_loss"])
+    model.eval()
+    assert "gass_scores" not in model(make_batch())
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("model.loss_names=sdm+id+mlm"), num_classes=3).train()
+    out = model(make_batch())
+    sum(v for k, v in out.items() if k.endswith("_loss")).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not no_grad, no_grad
+
+
+def test_encoders_give_embed_dim_features():
+    model = build_model(tiny_cfg(), num_classes=0).eval()
+    batch = make_batch()
+    assert model.encode_image(batch["images"]).shape == (4, 64)
+    assert model.encode_text(batch["caption_ids"]).shape == (4, 64)
+
+
+def reference_layout(num_classes, embed=64, vision_width=128, text_width=128, v_layers=2, t_layers=4,
+                     cmt_depth=1, vocab=49408, grid=8):
+    """Key names and shapes of an IRRA / GA-DMS checkpoint, written out by hand."""
+    shapes = {}
+
+    def block(prefix, d):
+        shapes.update({
+            f"{prefix}.attn.in_proj_weight": (3 * d, d), f"{prefix}.attn.in_proj_bias": (3 * d,),
+            f"{prefix}.attn.out_proj.weight": (d, d), f"{prefix}.attn.out_proj.bias": (d,),
+            f"{prefix}.ln_1.weight": (d,), f"{prefix}.ln_1.bias": (d,),
+            f"{prefix}.mlp.c_fc.weight": (4 * d, d), f"{prefix}.mlp.c_fc.bias": (4 * d,),
+            f"{prefix}.mlp.c_proj.weight": (d, 4 * d), f"{prefix}.mlp.c_proj.bias": (d,),
+            f"{prefix}.ln_2.weight": (d,), f"{prefix}.ln_2.bias": (d,),
+        })
+
+    shapes.update({
+        "base_model.positional_embedding": (77, text_width), "base_model.text_projection": (text_width, embed),
+        "base_model.logit_scale": (), "base_model.token_embedding.weight": (vocab, text_width),
+        "base_model.ln_final.weight": (text_width,), "base_model.ln_final.bias": (text_width,),
+        "base_model.visual.class_embedding": (vision_width,),
+        "base_model.visual.positional_embedding": (1 + grid, vision_width),
+        "base_model.visual.proj": (vision_width, embed),
+        "base_model.visual.conv1.weight": (vision_width, 3, 16, 16),
+        "base_model.visual.ln_pre.weight": (vision_width,), "base_model.visual.ln_pre.bias": (vision_width,),
+        "base_model.visual.ln_post.weight": (vision_width,), "base_model.visual.ln_post.bias": (vision_width,),
+    })
+    for i in range(v_layers):
+        block(f"base_model.visual.transformer.resblocks.{i}", vision_width)
+    for i in range(t_layers):
+        block(f"base_model.transformer.resblocks.{i}", text_width)
+    for i in range(cmt_depth):
+        block(f"cross_modal_transformer.resblocks.{i}", embed)
+    shapes.update({
+        "cross_attn.in_proj_weight": (3 * embed, embed), "cross_attn.in_proj_bias": (3 * embed,),
+        "cross_attn.out_proj.weight": (embed, embed), "cross_attn.out_proj.bias": (embed,),
+        "mlm_head.dense.weight": (embed, embed), "mlm_head.dense.bias": (embed,),
+        "mlm_head.ln.weight": (embed,), "mlm_head.ln.bias": (embed,),
+        "mlm_head.fc.weight": (vocab, embed), "mlm_head.fc.bias": (vocab,),
+        "classifier.weight": (num_classes, embed), "classifier.bias": (num_classes,),
+    })
+    for name in ("ln_pre_t", "ln_pre_i", "ln_post"):
+        shapes[f"{name}.weight"] = (embed,)
+        shapes[f"{name}.bias"] = (embed,)
+    return {k: torch.randn(v) for k, v in shapes.items()}
+
+
+def test_reference_layout_loads_exactly():
+    model = build_model(tiny_cfg("model.loss_names=sdm+id+mlm"), num_classes=5)
+    state = reference_layout(num_classes=5)
+    report = load_model_weights(model, state)
+    assert report.missing == [] and report.unexpected == []
+    assert torch.equal(model.state_dict()["cross_attn.in_proj_weight"], state["cross_attn.in_proj_weight"])
+    assert set(model.state_dict()) == set(state)
+
+
+def test_pretrain_to_finetune_reports_exactly_the_classifier(tmp_path):
+    pretrained = build_model(tiny_cfg("model.loss_names=sdm+mlm"), num_classes=0)
+    wrapped = {"model": {"module." + k: v for k, v in pretrained.state_dict().items()}, "epoch": 3}
+    path = tmp_path / "pretrain.pth"
+    torch.save(wrapped, path)
+    finetune = build_model(tiny_cfg("model.loss_names=sdm+id+mlm"), num_classes=7)
+    report = load_pretrained(finetune, path)
+    assert sorted(report.missing) == ["classifier.bias", "classifier.weight"]
+    assert report.unexpected == []
+    assert torch.equal(finetune.state_dict()["mlm_head.fc.weight"], pretrained.state_dict()["mlm_head.fc.weight"])
+    with pytest.raises(IncompatibleWeightsError, match="classifier"):
+        load_pretrained(finetune, path, allowed_missing=())
+
+
+def test_partial_checkpoint_is_refused_readably(tmp_path):
+    model = build_model(tiny_cfg("model.loss_names=sdm+mlm"), num_classes=0)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("base_model.visual.")}
+    state["extra.head.weight"] = torch.zeros(2)
+    path = tmp_path / "partial.pth"
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(IncompatibleWeightsError) as exc:
+        load_pretrained(model, path)
+    msg = str(exc.value)
+    assert "base_model.visual.*" in msg and "extra.head.weight" in msg and str(path) in msg
+
+
+def test_classifier_shape_mismatch_counts_as_missing(tmp_path):
+    src = build_model(tiny_cfg("model.loss_names=sdm+id"), num_classes=4)
+    dst = build_model(tiny_cfg("model.loss_names=sdm+id"), num_classes=6)
+    report = load_model_weights(dst, src.state_dict(), allowed_missing=("classifier.",))
+    assert sorted(report.missing) == ["classifier.bias", "classifier.weight"]
+    assert len(report.shape_mismatch) == 2
+
+
+class _Arbitrary:
+    def __init__(self):
+        self.x = 1
+
+
+def test_untrusted_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "obj": _Arbitrary()}, path)
+    with pytest.raises(RuntimeError, match="trust"):
+        read_checkpoint(path)
+    assert isinstance(read_checkpoint(path, trust=True)["obj"], _Arbitrary)
+    with pytest.raises(FileNotFoundError):
+        read_checkpoint(tmp_path / "missing.pth")
