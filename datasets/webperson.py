@@ -1,0 +1,794 @@
+"""WebPerson pretraining corpus (1M / 5M images, two MLLM captions each).
+
+Three on-disk formats give the same samples in the same order:
+
+1. the authors' JSON list of one-key objects
+   ``{"<relative image path>": {"caption1": str, "caption2": str}}`` with
+   images under ``<WebPerson>/images/``;
+2. JSONL, one such object per line;
+3. webdataset-style uncompressed tar shards: ``<key>.jpg`` + ``<key>.json``
+   (``{"caption1", "caption2"}``); image path = ``shard.tar::<key>.jpg``.
+
+Every caption is a sample and every image its own identity, so sample ``i``
+belongs to image (= pid = image id) ``i // 2``: ``caption1`` then ``caption2``.
+
+Memory: the index keeps no per-sample Python objects and no caption text.
+Per image it stores the byte span of the record in its source file (int
+arrays), and for tar shards the member name (one UTF-8 buffer) and location.
+Captions and JSON image paths are read back from the source with one
+``pread`` per sample, so the text lives in the OS page cache, shared by every
+DataLoader worker and every DDP rank on the node, instead of in each process.
+Building streams the source (the JSON list is parsed element by element) and
+the result is cached as ``.npz`` next to the annotation, keyed by the sources'
+size and mtime.
+"""
+
+from __future__ import annotations
+
+import array
+import codecs
+import functools
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import zipfile
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from datasets.bases import (
+    IMAGE_EXTENSIONS,
+    TAR_SEPARATOR,
+    AnnotationError,
+    RecordProblems,
+    StringTable,
+    StringTableBuilder,
+    TextReIDDataset,
+    TrainIndex,
+    check_caption,
+    iter_tar_members,
+    name_hash,
+    read_file_range,
+    register_dataset,
+    register_tar_resolver,
+    type_name,
+)
+
+logger = logging.getLogger(__name__)
+
+CAPTION_KEYS = ("caption1", "caption2")
+FORMATS = {".json": "json", ".jsonl": "jsonl", ".tar": "tar"}
+CACHE_VERSION = 1
+_CHUNK_BYTES = 1 << 20
+# A JSON element that does not parse within this many characters is malformed, not truncated.
+_MAX_RECORD_CHARS = 64 << 20
+_NON_WHITESPACE = re.compile(r"[^ \t\n\r]")
+# webdataset's key/extension split: the key is everything before the first dot of the basename.
+_WDS_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+_LAYOUT = ("<root>/WebPerson/ with either images/ plus an annotation (*.json list or *.jsonl), "
+           "or webdataset tar shards (*.tar, or shards/*.tar)")
+
+
+# --------------------------------------------------------------------------- record checks
+
+
+def _check_captions(value: Any, file: str, index: int, where: str) -> None:
+    if not isinstance(value, dict):
+        raise AnnotationError(file, index, f"{where} must be an object with 'caption1' and 'caption2', "
+                              f"got {type_name(value)}")
+    for key in CAPTION_KEYS:
+        if key not in value:
+            raise AnnotationError(file, index, f"{where} misses key {key!r} (keys present: {sorted(value)})")
+        check_caption(value[key], file, index, f"{where} {key!r}")
+
+
+def _check_json_record(obj: Any, file: str, index: int) -> str:
+    """Validate one ``{"<image path>": {"caption1", "caption2"}}`` record; return the image path."""
+    if type(obj) is dict and len(obj) == 1:
+        # Fast path for well-formed records (millions of them); the checks below only explain failures.
+        ((path, captions),) = obj.items()
+        if type(captions) is dict:
+            c1, c2 = captions.get("caption1"), captions.get("caption2")
+            if (type(c1) is str and type(c2) is str and c1 and c2 and path
+                    and not (c1.isspace() or c2.isspace() or path.isspace())):
+                return path
+    if not isinstance(obj, dict):
+        raise AnnotationError(file, index, 'expected a one-key object {"<image path>": {"caption1": ..., '
+                              f'"caption2": ...}}, got {type_name(obj)}')
+    if len(obj) != 1:
+        raise AnnotationError(file, index, f"expected exactly one image path key, got {len(obj)} keys")
+    ((path, captions),) = obj.items()
+    if not path.strip():
+        raise AnnotationError(file, index, "empty image path")
+    _check_captions(captions, file, index, f"captions of {path!r}")
+    return path
+
+
+# --------------------------------------------------------------------------- streaming readers
+
+
+def _line_col(path: str, byte_offset: int) -> tuple[int, int]:
+    """1-based line and character column of ``byte_offset`` (only computed for error messages)."""
+    line, line_start, done = 1, 0, 0
+    with open(path, "rb") as f:
+        while done < byte_offset:
+            chunk = f.read(min(_CHUNK_BYTES, byte_offset - done))
+            if not chunk:
+                break
+            newlines = chunk.count(b"\n")
+            if newlines:
+                line += newlines
+                line_start = done + chunk.rindex(b"\n") + 1
+            done += len(chunk)
+        if byte_offset - line_start > _CHUNK_BYTES:
+            return line, byte_offset - line_start + 1  # a huge one-line file: a byte column will do
+        f.seek(line_start)
+        prefix = f.read(byte_offset - line_start)
+    return line, len(prefix.decode("utf-8", errors="replace")) + 1
+
+
+class _JsonListStream:
+    """Incremental reader of a top-level JSON list that tracks byte offsets."""
+
+    def __init__(self, path: str, f: BinaryIO) -> None:
+        self.path = path
+        self.f = f
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.raw_decode = json.JSONDecoder().raw_decode
+        self.buf = ""
+        self.pos = 0
+        self.eof = False
+        self.base = 0  # byte offset of buf[0] in the file
+        self.ascii = True  # then character and byte offsets coincide (the common case, no re-encoding)
+        self.mark = (0, 0)  # a (character, byte) pair of the buffer, to convert offsets incrementally
+
+    def byte_at(self, pos: int) -> int:
+        """File byte offset of buffer position ``pos`` (positions are asked in increasing order)."""
+        if self.ascii:
+            return self.base + pos
+        mark_pos, mark_byte = self.mark
+        seg = self.buf[mark_pos:pos]
+        byte = mark_byte + (len(seg) if seg.isascii() else len(seg.encode("utf-8")))
+        self.mark = (pos, byte)
+        return byte
+
+    def refill(self) -> bool:
+        """Append the next chunk to the buffer; False once the file is exhausted."""
+        if self.eof:
+            return False
+        raw = self.f.read(_CHUNK_BYTES)
+        self.eof = not raw
+        try:
+            text = self.utf8.decode(raw, final=self.eof)
+        except UnicodeDecodeError as e:
+            raise AnnotationError(self.path, None, f"not valid UTF-8 text near byte "
+                                  f"{self.f.tell() - len(raw) + e.start}: {e.reason}") from e
+        self.base = self.byte_at(self.pos)
+        self.buf = self.buf[self.pos:] + text
+        self.pos = 0
+        self.ascii = self.buf.isascii()
+        self.mark = (0, self.base)
+        return True
+
+    def peek(self) -> str:
+        """Skip whitespace; return the next character, or '' at end of file."""
+        buf, pos = self.buf, self.pos
+        if pos < len(buf) and buf[pos] not in " \t\n\r":
+            return buf[pos]
+        while True:
+            match = _NON_WHITESPACE.search(self.buf, self.pos)
+            if match:
+                self.pos = match.start()
+                return self.buf[self.pos]
+            self.pos = len(self.buf)
+            if not self.refill():
+                return ""
+
+    def value(self, index: int) -> tuple[Any, int, int]:
+        """Decode the value at the cursor; return it with its byte span."""
+        while True:
+            try:
+                obj, end = self.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as e:
+                # The element may just be cut by the chunk boundary: read on and retry.
+                if len(self.buf) - self.pos < _MAX_RECORD_CHARS and self.refill():
+                    continue
+                raise self.error(index, e.pos, f"malformed JSON: {e.msg}") from e
+            if end == len(self.buf) and self.refill():
+                continue
+            start = self.byte_at(self.pos)
+            self.pos = end
+            return obj, start, self.byte_at(end)
+
+    def error(self, index: int | None, char_pos: int, message: str) -> AnnotationError:
+        line, col = _line_col(self.path, self.byte_at(char_pos))
+        return AnnotationError(self.path, index, f"line {line}, column {col}: {message}")
+
+
+def _iter_json_list(path: str) -> Iterator[tuple[int, Any, int, int]]:
+    """Yield ``(index, element, start byte, end byte)`` of a JSON list without loading it whole."""
+    with open(path, "rb") as f:
+        stream = _JsonListStream(path, f)
+        if stream.peek() == "\ufeff":
+            stream.pos += 1
+        first = stream.peek()
+        if first != "[":
+            raise stream.error(None, stream.pos, "expected a JSON list ('[') at the top level, "
+                               f"found {first or 'end of file'!r}")
+        stream.pos += 1
+        index = 0
+        if stream.peek() == "]":
+            stream.pos += 1
+        else:
+            while True:
+                if stream.peek() == "":
+                    raise stream.error(index, stream.pos, "end of file inside the list")
+                obj, start, end = stream.value(index)
+                yield index, obj, start, end
+                index += 1
+                c = stream.peek()
+                if c == ",":
+                    stream.pos += 1
+                    continue
+                if c == "]":
+                    stream.pos += 1
+                    break
+                what = f"expected ',' or ']' after the record, found {c!r}" if c else "end of file inside the list"
+                raise stream.error(index - 1, stream.pos, what)
+        if stream.peek() != "":
+            raise stream.error(None, stream.pos, "extra data after the closing ']'")
+
+
+def _iter_jsonl(path: str, problems: RecordProblems) -> Iterator[tuple[int, Any, int, int]]:
+    """Yield ``(line index, object, start byte, end byte)`` per non-blank line."""
+    offset = 0
+    decode = json.JSONDecoder().decode
+    with open(path, "rb") as f:
+        for index, line in enumerate(f):
+            start = offset
+            offset += len(line)
+            if line.isspace():
+                continue
+            try:
+                obj = decode(line.decode("utf-8"))
+            except json.JSONDecodeError as e:
+                problems.report(AnnotationError(path, index, f"line {index + 1}, column {e.colno}: "
+                                                f"malformed JSON: {e.msg}"))
+                continue
+            except UnicodeDecodeError as e:
+                problems.report(AnnotationError(path, index, f"line {index + 1}: not valid UTF-8 ({e.reason})"))
+                continue
+            yield index, obj, start, offset
+
+
+# --------------------------------------------------------------------------- building
+
+
+class _Builder:
+    """Accumulates per-image arrays while the sources are scanned."""
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self.image_source = array.array("q")
+        self.record_offset = array.array("q")
+        self.record_length = array.array("q")
+        self.key_hash = array.array("q")
+        self.record_index = array.array("q")
+        self.member_names = StringTableBuilder()
+        self.member_offset = array.array("q")
+        self.member_size = array.array("q")
+
+    def add(self, source: int, index: int, offset: int, length: int, key_hash: int,
+            member: tuple[str, int, int] | None = None) -> None:
+        self.image_source.append(source)
+        self.record_offset.append(offset)
+        self.record_length.append(length)
+        self.key_hash.append(key_hash)
+        self.record_index.append(index)
+        if member is not None:
+            name, member_offset, member_size = member
+            self.member_names.append(name)
+            self.member_offset.append(member_offset)
+            self.member_size.append(member_size)
+
+    def scan_json(self, source: int, path: str, problems: RecordProblems) -> None:
+        records = _iter_json_list(path) if self.fmt == "json" else _iter_jsonl(path, problems)
+        # Bound methods and the builtin hash() keep this per-record loop short; the hash is only
+        # compared within this process (duplicate detection), so its per-process salt is harmless.
+        add_source, add_offset = self.image_source.append, self.record_offset.append
+        add_length, add_hash, add_index = self.record_length.append, self.key_hash.append, self.record_index.append
+        for index, obj, start, end in records:
+            try:
+                image_path = _check_json_record(obj, path, index)
+            except AnnotationError as error:
+                problems.report(error)
+                continue
+            add_source(source)
+            add_offset(start)
+            add_length(end - start)
+            add_hash(hash(image_path))
+            add_index(index)
+
+    def scan_tar(self, source: int, shard: str, problems: RecordProblems) -> None:
+        fd = os.open(shard, os.O_RDONLY)
+        try:
+            group_key: str | None = None
+            group: dict[str, Any] = {}
+            ordinal = 0
+            for member in iter_tar_members(shard):
+                match = _WDS_KEY.match(member.name)
+                if match is None:
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                if key != group_key:
+                    if group_key is not None:
+                        self._add_tar_sample(source, shard, fd, ordinal, group_key, group, problems)
+                        ordinal += 1
+                    group_key, group = key, {}
+                if ext in IMAGE_EXTENSIONS:
+                    if "image" in group:
+                        group["error"] = f"sample {key!r} has several image members ({group['image'][0]}, {member.name})"
+                    group["image"] = (member.name, member.offset_data, member.size)
+                elif ext == "json":
+                    group["json"] = (member.offset_data, member.size)
+            if group_key is not None:
+                self._add_tar_sample(source, shard, fd, ordinal, group_key, group, problems)
+        finally:
+            os.close(fd)
+
+    def _add_tar_sample(self, source: int, shard: str, fd: int, ordinal: int, key: str,
+                        group: dict[str, Any], problems: RecordProblems) -> None:
+        try:
+            if "error" in group:
+                raise AnnotationError(shard, ordinal, group["error"])
+            if "image" not in group:
+                raise AnnotationError(shard, ordinal, f"sample {key!r} has no image member "
+                                      f"({', '.join('.' + e for e in IMAGE_EXTENSIONS)}); a sample's files "
+                                      "must be adjacent in the shard (webdataset convention)")
+            if "json" not in group:
+                raise AnnotationError(shard, ordinal, f"sample {key!r} has no {key}.json member with its captions")
+            offset, size = group["json"]
+            try:
+                captions = json.loads(os.pread(fd, size, offset))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise AnnotationError(shard, ordinal, f"{key}.json is not valid JSON: {e}") from e
+            _check_captions(captions, shard, ordinal, f"{key}.json")
+        except AnnotationError as error:
+            problems.report(error)
+            return
+        self.add(source, ordinal, offset, size, name_hash(group["image"][0]), member=group["image"])
+
+
+def _duplicate_pairs(groups: np.ndarray, hashes: np.ndarray) -> list[tuple[int, int]]:
+    """``(first, later)`` image pairs whose (group, key hash) coincide, ordered by ``later``."""
+    n = len(hashes)
+    if n < 2:
+        return []
+    order = np.lexsort((np.arange(n), hashes, groups))
+    g, h = groups[order], hashes[order]
+    same = (g[1:] == g[:-1]) & (h[1:] == h[:-1])
+    if not same.any():
+        return []
+    run_start = np.maximum.accumulate(np.where(np.concatenate([[True], ~same]), np.arange(n), 0))
+    later = np.nonzero(np.concatenate([[False], same]))[0]
+    pairs = [(int(order[run_start[k]]), int(order[k])) for k in later]
+    return sorted(pairs, key=lambda p: p[1])
+
+
+# --------------------------------------------------------------------------- the index
+
+
+class WebPersonIndex(TrainIndex):
+    """Lean training index over WebPerson sources (see the module docstring).
+
+    Args:
+        fmt: "json", "jsonl" or "tar".
+        sources: annotation files or tar shards, in sample order.
+        source_stats: ``(size, mtime_ns)`` of each source when indexed.
+        image_root: folder the JSON/JSONL image paths are relative to (None for tar).
+        arrays: per-image arrays (``image_source``, ``record_offset``,
+            ``record_length``; for tar also ``member_name_buffer``,
+            ``member_name_offsets``, ``member_offset``, ``member_size``,
+            ``lookup_hash``, ``lookup_image``).
+        skipped: bad records skipped while building (first few) and their count.
+    """
+
+    def __init__(self, fmt: str, sources: list[str], source_stats: list[tuple[int, int]], image_root: str | None,
+                 arrays: dict[str, np.ndarray], skipped: tuple[int, list[AnnotationError]] | None = None) -> None:
+        self.fmt = fmt
+        self.sources = list(sources)
+        self.source_stats = [tuple(s) for s in source_stats]
+        self.image_root = image_root
+        self.arrays = arrays
+        self.num_skipped, self.skipped = skipped if skipped is not None else (0, [])
+        self.loaded_from_cache = False
+        self._image_source = arrays["image_source"]
+        self._record_offset = arrays["record_offset"]
+        self._record_length = arrays["record_length"]
+        self._member_names: StringTable | None = None
+        if fmt == "tar":
+            self._member_names = StringTable(arrays["member_name_buffer"], arrays["member_name_offsets"])
+        self._checked_pid = -1
+        self._checked_sources: set[int] = set()
+        self._register_shards()
+
+    # ---- TrainIndex API
+
+    def __len__(self) -> int:
+        return 2 * len(self._image_source)
+
+    def __getitem__(self, i: int) -> tuple[int, int, str, str]:
+        i = self._check_index(i)
+        image = i // 2
+        path, captions = self._record(image)
+        return image, image, path, captions[CAPTION_KEYS[i % 2]]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._image_source)
+
+    @property
+    def num_images(self) -> int:
+        return len(self._image_source)
+
+    @property
+    def pids(self) -> np.ndarray:
+        return np.repeat(np.arange(self.num_images, dtype=np.int64), 2)
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        return self.pids
+
+    def image_path(self, image_id: int) -> str:
+        if self.fmt == "tar":
+            return self.sources[int(self._image_source[image_id])] + TAR_SEPARATOR + self._member_names[image_id]
+        return self._record(image_id)[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the index arrays."""
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+    # ---- record access
+
+    def _record(self, image: int) -> tuple[str, dict[str, str]]:
+        """``(image path, {"caption1", "caption2"})`` of one image, read from its source."""
+        source = int(self._image_source[image])
+        path = self.sources[source]
+        self._check_source(source)
+        data = read_file_range(path, int(self._record_offset[image]), int(self._record_length[image]))
+        try:
+            obj = json.loads(data)
+            if self.fmt == "tar":
+                return self.image_path(image), obj
+            ((rel, captions),) = obj.items()
+            return os.path.join(self.image_root, rel), captions
+        except (ValueError, AttributeError) as e:
+            raise AnnotationError(path, None, f"the record of image {image} no longer parses; the file changed "
+                                  "after it was indexed, restart to rebuild the index") from e
+
+    def _check_source(self, source: int) -> None:
+        # Spans are only valid for the exact file that was indexed; check once per process and source.
+        if self._checked_pid != os.getpid():
+            self._checked_pid, self._checked_sources = os.getpid(), set()
+        if source in self._checked_sources:
+            return
+        path = self.sources[source]
+        try:
+            stat = os.stat(path)
+        except OSError as e:
+            raise AnnotationError(path, None, f"indexed source is no longer readable: {e.strerror or e}") from e
+        if (stat.st_size, stat.st_mtime_ns) != self.source_stats[source]:
+            raise AnnotationError(path, None, "changed on disk after it was indexed; restart to rebuild the index")
+        self._checked_sources.add(source)
+
+    def _register_shards(self) -> None:
+        if self.fmt != "tar":
+            return
+        bounds = np.searchsorted(self._image_source, np.arange(len(self.sources) + 1))
+        for source, shard in enumerate(self.sources):
+            register_tar_resolver(shard, functools.partial(self._locate_member, int(bounds[source]),
+                                                           int(bounds[source + 1])))
+
+    def _locate_member(self, start: int, end: int, member: str) -> tuple[int, int] | None:
+        hashes = self.arrays["lookup_hash"][start:end]
+        h = name_hash(member)
+        k = int(np.searchsorted(hashes, h))
+        if k == len(hashes) or hashes[k] != h:
+            return None
+        image = int(self.arrays["lookup_image"][start + k])
+        if self._member_names[image] != member:
+            return None
+        return int(self.arrays["member_offset"][image]), int(self.arrays["member_size"][image])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"fmt": self.fmt, "sources": self.sources, "source_stats": self.source_stats,
+                "image_root": self.image_root, "arrays": self.arrays,
+                "skipped": (self.num_skipped, self.skipped)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Spawned workers get a fresh process: re-register the shard resolvers there.
+        self.__init__(**state)
+
+    # ---- building and caching
+
+    @classmethod
+    def build(cls, fmt: str, sources: list[str], image_root: str | None, skip_bad_records: bool) -> WebPersonIndex:
+        """Scan the sources (streaming) and build the index."""
+        stats = [_source_stat(p) for p in sources]
+        problems = RecordProblems(skip_bad_records)
+        builder = _Builder(fmt)
+        for source, path in enumerate(sources):
+            if fmt == "tar":
+                builder.scan_tar(source, path, problems)
+            else:
+                builder.scan_json(source, path, problems)
+        arrays = {
+            "image_source": np.frombuffer(builder.image_source, np.int64).astype(np.int32),
+            "record_offset": np.frombuffer(builder.record_offset, np.int64).copy(),
+            "record_length": _narrow(np.frombuffer(builder.record_length, np.int64), "record length"),
+        }
+        if fmt == "tar":
+            names = builder.member_names.finish()
+            arrays.update(member_name_buffer=names.buffer, member_name_offsets=names.offsets,
+                          member_offset=np.frombuffer(builder.member_offset, np.int64).copy(),
+                          member_size=_narrow(np.frombuffer(builder.member_size, np.int64), "image member size"))
+        hashes = np.frombuffer(builder.key_hash, np.int64).copy()
+        record_index = np.frombuffer(builder.record_index, np.int64).copy()
+        del builder
+        keep = _drop_duplicates(fmt, sources, arrays, hashes, record_index, problems)
+        if keep is not None:
+            arrays = _filter_images(arrays, keep)
+            hashes = hashes[keep]
+        if fmt == "tar":
+            # Per-shard sorted member hashes let open_image find a member without rescanning the shard.
+            order = np.lexsort((hashes, arrays["image_source"]))
+            arrays["lookup_hash"] = hashes[order]
+            arrays["lookup_image"] = order.astype(np.int32 if len(order) < 2**31 else np.int64)
+        if not len(arrays["image_source"]):
+            raise AnnotationError(sources[0], None, "no usable WebPerson record found"
+                                  + (f" ({problems.count} bad record(s) skipped)" if problems.count else ""))
+        problems.log_summary(f"WebPerson ({len(sources)} source file(s))")
+        return cls(fmt, sources, stats, image_root, arrays, (problems.count, problems.errors))
+
+    @classmethod
+    def load(cls, fmt: str, sources: list[str], image_root: str | None, skip_bad_records: bool = False,
+             cache: bool = True) -> WebPersonIndex:
+        """Load the index from its ``.npz`` cache when still valid, else build (and cache) it."""
+        path = cache_path(sources)
+        if cache:
+            index = cls._from_cache(path, fmt, sources, image_root, skip_bad_records)
+            if index is not None:
+                return index
+        index = cls.build(fmt, sources, image_root, skip_bad_records)
+        if cache:
+            index._save(path)
+        return index
+
+    def _save(self, path: str) -> None:
+        meta = {"version": CACHE_VERSION, "format": self.fmt,
+                "sources": [[_relative(p, path), *s] for p, s in zip(self.sources, self.source_stats, strict=True)],
+                "num_skipped": self.num_skipped,
+                "skipped": [[e.file, e.index, e.message] for e in self.skipped[:20]]}
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, meta=np.array(json.dumps(meta)), **self.arrays)
+            os.replace(tmp, path)
+        except OSError as e:
+            logger.warning("could not write the WebPerson index cache %s (%s); it will be rebuilt next time", path, e)
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            return
+        logger.info("cached the WebPerson index in %s", path)
+
+    @classmethod
+    def _from_cache(cls, path: str, fmt: str, sources: list[str], image_root: str | None,
+                    skip_bad_records: bool) -> WebPersonIndex | None:
+        if not os.path.isfile(path):
+            return None
+        stats = [_source_stat(p) for p in sources]
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                expected = [[_relative(p, path), *s] for p, s in zip(sources, stats, strict=True)]
+                if meta.get("version") != CACHE_VERSION or meta.get("format") != fmt or meta.get("sources") != expected:
+                    logger.info("WebPerson index cache %s is stale (sources changed); rebuilding", path)
+                    return None
+                # An index built with skipping would hide bad records from a strict run.
+                if meta["num_skipped"] and not skip_bad_records:
+                    return None
+                arrays = {k: z[k] for k in z.files if k != "meta"}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            logger.warning("ignoring unreadable WebPerson index cache %s (%s)", path, e)
+            return None
+        skipped = [AnnotationError(f, i, m) for f, i, m in meta["skipped"]]
+        index = cls(fmt, sources, stats, image_root, arrays, (meta["num_skipped"], skipped))
+        index.loaded_from_cache = True
+        logger.info("loaded the WebPerson index from %s (%d images)", path, index.num_images)
+        if meta["num_skipped"]:
+            logger.warning("WebPerson: %d bad record(s) were skipped when this index was built", meta["num_skipped"])
+        return index
+
+
+def _image_key(fmt: str, sources: list[str], arrays: dict[str, np.ndarray], image: int) -> str:
+    """The string that identifies an image: tar member name, or the JSON record's image path."""
+    if fmt == "tar":
+        return StringTable(arrays["member_name_buffer"], arrays["member_name_offsets"])[image]
+    data = read_file_range(sources[int(arrays["image_source"][image])], int(arrays["record_offset"][image]),
+                           int(arrays["record_length"][image]))
+    return next(iter(json.loads(data)))
+
+
+def _drop_duplicates(fmt: str, sources: list[str], arrays: dict[str, np.ndarray], hashes: np.ndarray,
+                     record_index: np.ndarray, problems: RecordProblems) -> np.ndarray | None:
+    """Report repeated images; return a keep-mask (None when nothing is dropped)."""
+    # JSON image paths share one image root, so they repeat across files; tar members repeat within a shard.
+    groups = arrays["image_source"] if fmt == "tar" else np.zeros(len(hashes), np.int32)
+    keep = None
+    for first, later in _duplicate_pairs(groups, hashes):
+        key = _image_key(fmt, sources, arrays, later)
+        if _image_key(fmt, sources, arrays, first) != key:
+            continue  # a 64-bit hash collision, not a duplicate
+        first_source = os.path.basename(sources[int(arrays["image_source"][first])])
+        problems.report(AnnotationError(sources[int(arrays["image_source"][later])], int(record_index[later]),
+                                        f"duplicate image entry {key!r} (first listed in {first_source} "
+                                        f"record {int(record_index[first])})"))
+        if keep is None:
+            keep = np.ones(len(hashes), dtype=bool)
+        keep[later] = False
+    return keep
+
+
+def _narrow(values: np.ndarray, what: str) -> np.ndarray:
+    if len(values) and int(values.max()) >= 2**31:
+        raise ValueError(f"{what} of {int(values.max())} bytes does not fit the index (max 2 GiB)")
+    return values.astype(np.int32)
+
+
+def _filter_images(arrays: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
+    out = {k: arrays[k][keep] for k in ("image_source", "record_offset", "record_length")}
+    if "member_name_buffer" in arrays:
+        offsets = arrays["member_name_offsets"]
+        lengths = np.diff(offsets)
+        out["member_name_buffer"] = arrays["member_name_buffer"][np.repeat(keep, lengths)]
+        out["member_name_offsets"] = np.concatenate([[0], np.cumsum(lengths[keep])]).astype(np.int64)
+        out["member_offset"] = arrays["member_offset"][keep]
+        out["member_size"] = arrays["member_size"][keep]
+    return out
+
+
+def _source_stat(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _relative(path: str, cache_file: str) -> str:
+    return os.path.relpath(path, os.path.dirname(os.path.abspath(cache_file)))
+
+
+def cache_path(sources: list[str]) -> str:
+    """Where the ``.npz`` index cache of these sources lives (next to the annotation)."""
+    if len(sources) == 1:
+        return sources[0] + ".index.npz"
+    folder = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in sources])
+    digest = hashlib.sha1("\n".join(os.path.abspath(p) for p in sources).encode("utf-8")).hexdigest()[:12]
+    return os.path.join(folder, f"webperson-index-{digest}.npz")
+
+
+# --------------------------------------------------------------------------- source discovery
+
+
+def _format_of(paths: list[str], origin: str) -> str:
+    exts = {os.path.splitext(p)[1].lower() for p in paths}
+    unknown = sorted(e or "(none)" for e in exts if e not in FORMATS)
+    if unknown:
+        raise AnnotationError(origin, None, f"unsupported annotation extension(s) {', '.join(unknown)}; expected "
+                              ".json (list of one-key objects), .jsonl (one object per line) or .tar (shards)")
+    if len(exts) > 1:
+        raise AnnotationError(origin, None, f"mixed annotation formats ({', '.join(sorted(exts))}); use one format")
+    return FORMATS[exts.pop()]
+
+
+def _files_with(folder: str, extensions: tuple[str, ...]) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if n.lower().endswith(extensions) and os.path.isfile(os.path.join(folder, n)))
+
+
+def resolve_sources(dataset_path: str, annotation: str | None) -> tuple[list[str], str]:
+    """Find the annotation file(s) and their format.
+
+    Args:
+        dataset_path: the WebPerson folder.
+        annotation: None (auto-detect in ``dataset_path``), a file, a folder of
+            shards, or a glob; relative paths are tried under ``dataset_path``
+            first, then the working directory.
+
+    Returns:
+        Absolute source paths in sample order and the format name.
+    """
+    if annotation is None:
+        jsons = _files_with(dataset_path, (".json", ".jsonl"))
+        tars = _files_with(dataset_path, (".tar",)) or _files_with(os.path.join(dataset_path, "shards"), (".tar",))
+        if jsons and tars:
+            raise AnnotationError(dataset_path, None, f"both JSON annotations ({os.path.basename(jsons[0])}) and "
+                                  "tar shards found; choose one with data.annotation")
+        if len(jsons) > 1:
+            raise AnnotationError(dataset_path, None, "several annotation files found ("
+                                  f"{', '.join(os.path.basename(p) for p in jsons)}); choose one with data.annotation")
+        sources = jsons or tars
+        if not sources:
+            raise AnnotationError(dataset_path, None, f"no WebPerson annotation found; expected layout: {_LAYOUT}")
+        return [os.path.abspath(p) for p in sources], _format_of(sources, dataset_path)
+
+    annotation = os.path.expanduser(str(annotation))
+    candidates = [annotation] if os.path.isabs(annotation) else [os.path.join(dataset_path, annotation), annotation]
+    for candidate in candidates:
+        if glob.has_magic(candidate):
+            sources = sorted(p for p in glob.glob(candidate) if os.path.isfile(p))
+        elif os.path.isdir(candidate):
+            sources = (_files_with(candidate, (".tar",)) or _files_with(candidate, (".jsonl",))
+                       or _files_with(candidate, (".json",)))
+            if not sources:
+                raise AnnotationError(candidate, None, "folder holds no .tar, .jsonl or .json annotation files")
+        elif os.path.isfile(candidate):
+            sources = [candidate]
+        else:
+            continue
+        if sources:
+            return [os.path.abspath(p) for p in sources], _format_of(sources, candidate)
+    raise AnnotationError(annotation, None, f"annotation not found (looked for {' and '.join(candidates)}); "
+                          f"expected layout: {_LAYOUT}")
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+@register_dataset("WebPerson")
+class WebPerson(TextReIDDataset):
+    """WebPerson pretraining corpus: ``.train`` only (``.val``/``.test`` are None).
+
+    Args:
+        root: the data root holding ``WebPerson/``, or that folder itself.
+        annotation: file, shard folder or glob (None: auto-detect in the folder).
+        skip_bad_records: skip (and count) malformed records instead of raising.
+        cache: load/save the ``.npz`` index cache next to the annotation.
+    """
+
+    dataset_dir = "WebPerson"
+    image_dir = "images"
+
+    def __init__(self, root: str, annotation: str | None = None, skip_bad_records: bool = False,
+                 cache: bool = True) -> None:
+        super().__init__()
+        self.dataset_path = _find_webperson_dir(os.path.expanduser(str(root)), annotation)
+        sources, fmt = resolve_sources(self.dataset_path, annotation)
+        image_root = None
+        if fmt != "tar":
+            image_root = os.path.join(self.dataset_path, self.image_dir)
+            if not os.path.isdir(image_root):
+                raise AnnotationError(image_root, None, f"image folder not found; the {fmt.upper()} format "
+                                      "expects images under <WebPerson>/images/")
+        self.train: WebPersonIndex = WebPersonIndex.load(fmt, sources, image_root, skip_bad_records, cache)
+        self.val = None
+        self.test = None
+        self.missing_split_notes = {"val": "pretraining corpus", "test": "pretraining corpus"}
+        self.num_skipped, self.skipped = self.train.num_skipped, self.train.skipped
+
+
+def _find_webperson_dir(root: str, annotation: str | None) -> str:
+    candidate = os.path.join(root, WebPerson.dataset_dir)
+    if os.path.isdir(candidate):
+        return candidate
+    if os.path.isdir(root) and (annotation is not None or os.path.basename(os.path.normpath(root)) == "WebPerson"
+                                or os.path.isdir(os.path.join(root, WebPerson.image_dir))
+                                or os.path.isdir(os.path.join(root, "shards")) or _files_with(root, tuple(FORMATS))):
+        return root
+    reason = f"data root {root} does not exist" if not os.path.isdir(root) else f"{candidate} not found"
+    raise AnnotationError(candidate, None, f"{reason}; expected layout: {_LAYOUT}")

@@ -1,0 +1,267 @@
+"""CUHK-PEDES / ICFG-PEDES / RSTPReid loaders, the registry, bad input, tools/check_data.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datasets import DATASETS, AnnotationError, build_dataset
+from datasets.cuhkpedes import CUHKPEDES
+from datasets.icfgpedes import ICFGPEDES
+from datasets.rstpreid import RSTPReid
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (split, original id, relative path, captions) in file order; splits interleaved on purpose.
+CUHK_RECORDS = [
+    ("train", 7, "CUHK01/a.png", ["a man in a blue shirt", "blue shirt, black trousers"]),
+    ("test", 30, "test/g.png", ["g one", "g two"]),
+    ("train", 3, "CUHK01/b.png", ["b one", "b two", "b three"]),
+    ("val", 20, "val/e.png", ["e one", "e two"]),
+    ("train", 7, "cam/c.png", ["c one", "c two"]),
+    ("test", 30, "test/h.png", ["h one"]),
+    ("val", 21, "val/f.png", ["f one", "f two"]),
+    ("train", 12, "cam/d.png", ["d one"]),
+    ("test", 31, "test/i.png", ["i one", "i two"]),
+]
+LAYOUT = {  # name -> (folder, annotation file, path key)
+    "CUHK-PEDES": ("CUHK-PEDES", "reid_raw.json", "file_path"),
+    "ICFG-PEDES": ("ICFG-PEDES", "ICFG-PEDES.json", "file_path"),
+    "RSTPReid": ("RSTPReid", "data_captions.json", "img_path"),
+}
+
+
+def _records_json(records, path_key):
+    out = []
+    for split, pid, path, captions in records:
+        record = {"split": split, "captions": captions, path_key: path, "id": pid}
+        if path_key == "file_path":
+            record["processed_tokens"] = [c.split() for c in captions]
+        out.append(record)
+    return out
+
+
+def write_pedes(root, name="CUHK-PEDES", records=CUHK_RECORDS, annotation=None, raw=None) -> str:
+    """Write a corpus in its real layout under ``root``; return the annotation path."""
+    folder, default_annotation, path_key = LAYOUT[name]
+    base = os.path.join(str(root), folder)
+    for _, _, path, _ in records:
+        full = os.path.join(base, "imgs", path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        Image.new("RGB", (4, 8), (len(path) * 20 % 256, 10, 10)).save(full)
+    os.makedirs(os.path.join(base, "imgs"), exist_ok=True)
+    path = os.path.join(base, annotation or default_annotation)
+    with open(path, "w") as f:
+        if raw is not None:
+            f.write(raw)
+        else:
+            json.dump(_records_json(records, path_key), f, indent=1)
+    return path
+
+
+def reference_train(records, image_root):
+    """IRRA-style train list with ids remapped by sorted original id."""
+    pid_map = {p: k for k, p in enumerate(sorted({r[1] for r in records if r[0] == "train"}))}
+    samples, image_id = [], 0
+    for split, pid, path, captions in records:
+        if split != "train":
+            continue
+        for caption in captions:
+            samples.append((pid_map[pid], image_id, os.path.join(image_root, path), caption))
+        image_id += 1
+    return samples
+
+
+def test_cuhk_train_samples_and_pid_remapping(tmp_path):
+    write_pedes(tmp_path)
+    ds = build_dataset("CUHK-PEDES", str(tmp_path))
+    image_root = str(tmp_path / "CUHK-PEDES" / "imgs")
+    assert list(ds.train) == reference_train(CUHK_RECORDS, image_root)
+    assert len(ds.train) == 8 and ds.num_classes == 3 and ds.train.num_images == 4
+    # Original ids 3, 7, 12 -> 0, 1, 2; images in file order.
+    np.testing.assert_array_equal(ds.train.pids, [1, 1, 0, 0, 0, 1, 1, 2])
+    np.testing.assert_array_equal(ds.train.image_ids, [0, 0, 1, 1, 1, 2, 2, 3])
+    assert ds.train.image_path(2) == os.path.join(image_root, "cam/c.png")
+    assert pickle.loads(pickle.dumps(ds.train))[4] == ds.train[4]
+    with pytest.raises(IndexError, match="out of range"):
+        ds.train[8]
+
+
+def test_cuhk_eval_splits_keep_original_ids(tmp_path):
+    write_pedes(tmp_path)
+    ds = CUHKPEDES(str(tmp_path))
+    image_root = str(tmp_path / "CUHK-PEDES" / "imgs")
+    assert ds.test.img_paths == [os.path.join(image_root, p) for p in ("test/g.png", "test/h.png", "test/i.png")]
+    np.testing.assert_array_equal(ds.test.image_pids, [30, 30, 31])
+    assert ds.test.captions == ["g one", "g two", "h one", "i one", "i two"]
+    np.testing.assert_array_equal(ds.test.caption_pids, [30, 30, 30, 31, 31])
+    assert ds.val.captions == ["e one", "e two", "f one", "f two"]
+    np.testing.assert_array_equal(ds.val.image_pids, [20, 21])
+    table = ds.show_statistics()
+    assert "| train  |  3  |   4    |    8     |" in table
+    assert "|  test  |  2  |   3    |    5     |" in table
+
+
+def test_root_may_be_the_dataset_folder_itself(tmp_path):
+    write_pedes(tmp_path)
+    direct = CUHKPEDES(str(tmp_path / "CUHK-PEDES"))
+    assert list(direct.train) == list(CUHKPEDES(str(tmp_path)).train)
+
+
+def test_icfg_has_no_val_and_accepts_the_underscore_name(tmp_path):
+    records = [r for r in CUHK_RECORDS if r[0] != "val"]
+    write_pedes(tmp_path, "ICFG-PEDES", records, annotation="ICFG_PEDES.json")
+    ds = ICFGPEDES(str(tmp_path))
+    assert ds.val is None
+    assert len(ds.test.img_paths) == 3 and ds.num_classes == 3
+    assert "no val split" in ds.show_statistics()
+    bad = tmp_path / "bad"
+    write_pedes(bad, "ICFG-PEDES", CUHK_RECORDS)
+    with pytest.raises(AnnotationError, match=r"ICFG-PEDES\.json: record 3: unknown split 'val' \(expected one of train, test\)"):
+        ICFGPEDES(str(bad))
+
+
+def test_rstpreid_reads_img_path(tmp_path):
+    write_pedes(tmp_path, "RSTPReid")
+    ds = RSTPReid(str(tmp_path))
+    assert list(ds.train) == reference_train(CUHK_RECORDS, str(tmp_path / "RSTPReid" / "imgs"))
+    assert ds.val is not None and len(ds.val.img_paths) == 2
+
+
+def test_registry_and_unknown_names():
+    assert set(DATASETS) >= {"CUHK-PEDES", "ICFG-PEDES", "RSTPReid", "WebPerson"}
+    with pytest.raises(ValueError, match=r"unknown dataset 'CUHK_PEDES' \(did you mean 'CUHK-PEDES'\?\); valid names: "
+                                         r"CUHK-PEDES, ICFG-PEDES, RSTPReid, WebPerson"):
+        build_dataset("CUHK_PEDES", "/nonexistent")
+
+
+GOOD = {"split": "train", "captions": ["a caption"], "file_path": "CUHK01/a.png", "id": 1}
+
+
+def _with(**changes):
+    record = dict(GOOD, file_path="CUHK01/b.png")
+    for key, value in changes.items():
+        if value is KeyError:
+            record.pop(key)
+        else:
+            record[key] = value
+    return record
+
+
+@pytest.mark.parametrize("second, match", [
+    ("not a dict", "expected an object, got string"),
+    (_with(captions=KeyError), r"missing key 'captions' \(keys present: \['file_path', 'id', 'split'\]\)"),
+    (_with(id="12"), "'id' must be an integer, got string '12'"),
+    (_with(id=True), "'id' must be an integer, got boolean"),
+    (_with(split="dev"), r"unknown split 'dev' \(expected one of train, val, test\)"),
+    (_with(captions=["ok", "  "]), "caption 1 is empty"),
+    (_with(captions=["ok", 3]), "caption 1 must be a string, got integer"),
+    (_with(captions=[]), "'captions' must be a non-empty list of strings"),
+    (_with(file_path=""), "'file_path' must be a non-empty string"),
+    (_with(file_path="CUHK01/a.png"), r"duplicate image entry 'CUHK01/a.png' \(first listed at record 0\)"),
+])
+def test_bad_records_name_file_and_record_index(tmp_path, second, match):
+    path = write_pedes(tmp_path, raw=json.dumps([GOOD, second]))
+    with pytest.raises(AnnotationError, match=match) as info:
+        CUHKPEDES(str(tmp_path))
+    assert str(info.value).startswith(f"{path}: record 1: ")
+    assert info.value.file == path and info.value.index == 1
+
+
+@pytest.mark.parametrize("raw, match", [
+    ('[{"split": "train",\n "id": 1,, }]', r"malformed JSON at line 2, column 10: Expecting property name"),
+    ('{"split": "train"}', "expected a JSON list of image records at the top level, got object"),
+])
+def test_bad_annotation_files(tmp_path, raw, match):
+    path = write_pedes(tmp_path, raw=raw)
+    with pytest.raises(AnnotationError, match=match) as info:
+        CUHKPEDES(str(tmp_path))
+    assert str(info.value).startswith(f"{path}: ") and info.value.index is None
+
+
+def test_missing_folders_say_what_was_expected(tmp_path):
+    with pytest.raises(AnnotationError, match=r"CUHK-PEDES not found .*expected layout: <root>/CUHK-PEDES/"):
+        CUHKPEDES(str(tmp_path))
+    (tmp_path / "CUHK-PEDES").mkdir()
+    with pytest.raises(AnnotationError, match=r"annotation file not found \(looked for .*reid_raw\.json\)"):
+        CUHKPEDES(str(tmp_path))
+    (tmp_path / "ICFG-PEDES").mkdir()
+    with pytest.raises(AnnotationError, match=r"looked for .*ICFG-PEDES\.json, .*ICFG_PEDES\.json"):
+        ICFGPEDES(str(tmp_path))
+    (tmp_path / "CUHK-PEDES" / "reid_raw.json").write_text(json.dumps([GOOD]))
+    with pytest.raises(AnnotationError, match=r"CUHK-PEDES/imgs: image folder not found"):
+        CUHKPEDES(str(tmp_path))
+
+
+def test_skip_bad_records_counts(tmp_path):
+    records = [GOOD, "junk", _with(split="dev"), _with(file_path="CUHK01/a.png"),
+               _with(file_path="CUHK01/c.png", id=4, captions=["c1", "c2"]), _with(split="test")]
+    write_pedes(tmp_path, raw=json.dumps(records))
+    ds = CUHKPEDES(str(tmp_path), skip_bad_records=True)
+    assert ds.num_skipped == 3 and [e.index for e in ds.skipped] == [1, 2, 3]
+    assert [c for *_, c in ds.train] == ["a caption", "c1", "c2"]
+    np.testing.assert_array_equal(ds.train.pids, [0, 1, 1])
+    assert ds.test.img_paths[0].endswith("CUHK01/b.png")
+    assert "3 bad record(s) skipped" in ds.show_statistics()
+
+
+# --------------------------------------------------------------------------- tools/check_data.py
+
+
+def run_check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(REPO, "tools", "check_data.py"), *args],
+                          capture_output=True, text=True, timeout=120, cwd=str(REPO))
+
+
+def test_check_data_clean(tmp_path):
+    write_pedes(tmp_path)
+    write_pedes(tmp_path, "RSTPReid")
+    result = run_check("--root", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "OK: CUHK-PEDES, RSTPReid passed all checks" in result.stdout
+    assert "checking 9 of 9 images" in result.stdout
+    sampled = run_check("--root", str(tmp_path), "--name", "RSTPReid", "--sample", "4", "--workers", "2")
+    assert sampled.returncode == 0, sampled.stderr
+    assert "checking 4 of 9 images with 2 worker(s)" in sampled.stdout
+
+
+def test_check_data_reports_missing_and_corrupt_images(tmp_path):
+    write_pedes(tmp_path)
+    imgs = tmp_path / "CUHK-PEDES" / "imgs"
+    os.remove(imgs / "cam" / "c.png")
+    os.remove(imgs / "test" / "h.png")
+    (imgs / "val" / "e.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = run_check("--root", str(tmp_path), "--name", "CUHK-PEDES")
+    assert result.returncode == 1
+    assert "2 missing image(s) (first 2):" in result.stderr
+    assert str(imgs / "cam" / "c.png") in result.stderr and str(imgs / "test" / "h.png") in result.stderr
+    assert f"1 corrupt image(s) (first 1):\n    {imgs / 'val' / 'e.png'}: " in result.stderr
+    assert "FAILED: CUHK-PEDES" in result.stderr
+
+
+def test_check_data_reports_bad_records_and_missing_datasets(tmp_path):
+    path = write_pedes(tmp_path, raw=json.dumps([GOOD, _with(captions=[""]), _with(id="x")]))
+    result = run_check("--root", str(tmp_path))
+    assert result.returncode == 1
+    assert "2 bad annotation record(s):" in result.stderr
+    assert f"{path}: record 1: caption 0 is empty" in result.stderr
+    assert f"{path}: record 2: 'id' must be an integer" in result.stderr
+
+
+
+def test_check_data_without_datasets(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("check_data", os.path.join(REPO, "tools", "check_data.py"))
+    check_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_data)
+    assert check_data.main(["--root", str(tmp_path)]) == 1
+    assert "no dataset folder found" in capsys.readouterr().err
+    assert check_data.main(["--root", str(tmp_path), "--name", "RSTPReid"]) == 1
+    assert "RSTPReid not found" in capsys.readouterr().err

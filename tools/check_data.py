@@ -1,0 +1,134 @@
+"""Validate dataset folders before training: layout, annotations, and every image.
+
+    python tools/check_data.py --root DIR [--name CUHK-PEDES ...] [--sample N] [--workers K]
+
+For each dataset (default: every corpus folder found under ``--root``) the
+annotation is parsed with bad records collected instead of raised, split
+statistics are printed, and each referenced image (or a random sample of N
+per dataset) must exist, pass ``PIL.Image.verify`` and fully decode. Exits 0
+with a short OK summary when clean, 1 with the list of problems otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from datasets import DATASETS, AnnotationError, ImageReadError, TextReIDDataset, verify_image  # noqa: E402
+
+MAX_LISTED = 20
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", required=True, help="folder holding CUHK-PEDES/, ICFG-PEDES/, RSTPReid/, WebPerson/")
+    parser.add_argument("--name", nargs="+", choices=sorted(DATASETS), help="datasets to check (default: all found)")
+    parser.add_argument("--sample", type=int, default=None, metavar="N",
+                        help="check a random sample of N images per dataset instead of all")
+    parser.add_argument("--workers", type=int, default=1, metavar="K", help="processes decoding images")
+    parser.add_argument("--annotation", default=None, help="WebPerson annotation file, shard folder or glob")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    args = parser.parse_args(argv)
+    if args.sample is not None and args.sample < 1:
+        parser.error("--sample must be positive")
+    if args.workers < 1:
+        parser.error("--workers must be positive")
+    return args
+
+
+def detect_datasets(root: str) -> list[str]:
+    """Registered datasets whose folder exists under ``root`` (or that ``root`` itself is)."""
+    found = [name for name, cls in sorted(DATASETS.items()) if os.path.isdir(os.path.join(root, cls.dataset_dir))]
+    if not found:
+        base = os.path.basename(os.path.normpath(root))
+        found = [name for name, cls in sorted(DATASETS.items()) if cls.dataset_dir == base]
+    return found
+
+
+def image_paths(dataset: TextReIDDataset) -> list[str]:
+    """Every distinct image path the dataset references, in order."""
+    paths = [dataset.train.image_path(i) for i in range(dataset.train.num_images)]
+    for split in (dataset.val, dataset.test):
+        if split is not None:
+            paths.extend(split.img_paths)
+    return list(dict.fromkeys(paths))
+
+
+def check_image(path: str) -> tuple[str, str, str] | None:
+    """``(kind, path, reason)`` for a bad image, None when it is fine."""
+    try:
+        verify_image(path)
+    except ImageReadError as e:
+        return ("missing" if e.missing else "corrupt", path, e.reason)
+    return None
+
+
+def check_dataset(name: str, args: argparse.Namespace) -> list[str]:
+    """Check one dataset; print its statistics; return its problems as lines."""
+    print(f"== {name} ==", flush=True)
+    kwargs = {"annotation": args.annotation} if name == "WebPerson" and args.annotation else {}
+    start = time.time()
+    try:
+        dataset = DATASETS[name](args.root, skip_bad_records=True, **kwargs)
+    except AnnotationError as e:
+        return [str(e)]
+    print(dataset.show_statistics().split("\n", 1)[1])
+    problems = [str(e) for e in dataset.skipped]
+    if dataset.num_skipped > len(dataset.skipped):
+        problems.append(f"... and {dataset.num_skipped - len(dataset.skipped)} more bad records")
+    if problems:
+        problems.insert(0, f"{dataset.num_skipped} bad annotation record(s):")
+
+    paths = image_paths(dataset)
+    total = len(paths)
+    if args.sample is not None and args.sample < total:
+        paths = sorted(random.Random(args.seed).sample(paths, args.sample))
+    print(f"checking {len(paths)} of {total} images with {args.workers} worker(s)...", flush=True)
+    if args.workers > 1:
+        with multiprocessing.get_context("fork").Pool(args.workers) as pool:
+            results = pool.map(check_image, paths, chunksize=64)
+    else:
+        results = [check_image(p) for p in paths]
+    for kind in ("missing", "corrupt"):
+        bad = [r for r in results if r is not None and r[0] == kind]
+        if bad:
+            problems.append(f"{len(bad)} {kind} image(s) (first {min(len(bad), MAX_LISTED)}):")
+            problems.extend(f"  {path}" + (f": {reason}" if kind == "corrupt" else "")
+                            for _, path, reason in bad[:MAX_LISTED])
+    print(f"{name}: {len(paths)} images checked in {time.time() - start:.1f}s, "
+          f"{'OK' if not problems else 'PROBLEMS FOUND'}", flush=True)
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not os.path.isdir(args.root):
+        print(f"ERROR: --root {args.root} is not a folder", file=sys.stderr)
+        return 1
+    names = args.name or detect_datasets(args.root)
+    if not names:
+        layout = ", ".join(sorted(cls.dataset_dir for cls in DATASETS.values()))
+        print(f"ERROR: no dataset folder found under {args.root} (expected one of: {layout})", file=sys.stderr)
+        return 1
+    report = {name: check_dataset(name, args) for name in names}
+    failed = {name: problems for name, problems in report.items() if problems}
+    if not failed:
+        print(f"OK: {', '.join(names)} passed all checks")
+        return 0
+    print("\nPROBLEMS:", file=sys.stderr)
+    for name, problems in failed.items():
+        print(f"[{name}]", file=sys.stderr)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
+    print(f"FAILED: {', '.join(failed)} ({sum(len(p) for p in failed.values())} problem line(s))", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
