@@ -129,7 +129,7 @@ class GADMS(CrossModalMLM, nn.Module):
         image_tokens = self.base_model.encode_image(images)
         image_feats = image_tokens[:, 0].float()
         text_feats = self.encode_text(contrast_ids)
-        out: dict[str, Tensor] = {"temperature": torch.tensor(self.temperature)}
+        out: dict[str, Tensor] = {}
         weights = self.loss_weights
 
         if "sdm" in self.loss_names:
@@ -147,8 +147,9 @@ class GADMS(CrossModalMLM, nn.Module):
         if "mlm" in self.loss_names:
             if "mlm_ids" not in batch or "mlm_labels" not in batch:
                 raise KeyError("the mlm loss needs batch['mlm_ids'] and batch['mlm_labels']")
-            logits = self.predict_tokens(self.base_model.encode_text(batch["mlm_ids"]), image_tokens)
-            labels = batch["mlm_labels"]
+            selected = batch["mlm_labels"] != 0
+            logits = self.predict_tokens(self.base_model.encode_text(batch["mlm_ids"]), image_tokens, selected)
+            labels = batch["mlm_labels"][selected]
             out["mlm_loss"] = weights["mlm"] * objectives.mlm_loss(logits, labels)
             out["mlm_acc"] = objectives.masked_accuracy(logits, labels)
         if self.gass and self.training:

@@ -1,0 +1,236 @@
+"""Training and evaluation datasets, samplers and loaders.
+
+A training sample is a dict of tensors: the image, its pid and image id, the
+sample's global index (row of the GASS score cache), the clean caption ids,
+and — depending on the masking mode — the noise-masked caption (contrastive
+branch) and the masked caption with its labels (MLM branch). Masks are drawn
+in the DataLoader workers from a generator seeded by (seed, epoch, index), and
+image augmentation is seeded the same way, so samples do not depend on worker
+count or order and a resumed run draws exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from datasets.bases import EvalSplit, ImageReadError, TrainIndex, open_image
+from datasets.masking import informative_mask, noise_mask, random_mask
+from datasets.sampler import DistributedRandomSampler, IdentitySampler
+from datasets.transforms import build_transforms
+from model.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MaskingSpec", "TrainDataset", "ImageDataset", "TextDataset", "collate_train",
+           "build_train_loader", "build_eval_loaders", "masking_spec_from_config", "set_loader_epoch"]
+
+MLM_MODES = ("informative", "random", "none")
+SAMPLERS = ("random", "identity")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingSpec:
+    """Which captions a training sample carries and the masking constants (METHOD.md §5)."""
+
+    noise: bool = True
+    mlm: str = "informative"
+    noise_max_prob: float = 0.2
+    noise_slope: float = 20.0
+    noise_center: float = 0.9
+    noise_force_one: bool = False
+    mlm_max_prob: float = 0.3
+    mlm_slope: float = 20.0
+    mlm_center: float = 0.1
+    random_prob: float = 0.15
+    mask_ratio: float = 0.8
+    random_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.mlm not in MLM_MODES:
+            raise ValueError(f"unknown masking.mlm {self.mlm!r}; valid: {', '.join(MLM_MODES)}")
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.noise or self.mlm == "informative"
+
+
+def masking_spec_from_config(cfg: Any) -> MaskingSpec:
+    """The `masking` config node as a MaskingSpec."""
+    return MaskingSpec(**{f.name: cfg.masking[f.name] for f in dataclasses.fields(MaskingSpec)})
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    # A fixed mix of the three numbers (not Python's randomised hash).
+    return (seed * 1_000_003 + epoch * 7_919 + index * 104_729 + 0x9E3779B9) % (2**63 - 1)
+
+
+class TrainDataset(Dataset):
+    """Training samples of a corpus, tokenised and masked.
+
+    Args:
+        index: The corpus' training index.
+        transform: Image transform (PIL -> tensor).
+        tokenizer: CLIP tokenizer.
+        text_length: Context length of the token ids.
+        masking: Which masked captions to produce.
+        score_cache: GASS score cache (needed when `masking.needs_scores`); read per sample.
+        seed: Base seed of the per-sample mask generators.
+        skip_bad_images: Return None for an unreadable image (dropped by `collate_train`
+            and counted) instead of raising.
+    """
+
+    def __init__(self, index: TrainIndex, transform: Callable, tokenizer: Tokenizer, *,
+                 text_length: int = 77, masking: MaskingSpec | None = None, score_cache: Any = None,
+                 seed: int = 0, skip_bad_images: bool = False) -> None:
+        self.index = index
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.text_length = text_length
+        self.masking = masking or MaskingSpec(noise=False, mlm="none")
+        if self.masking.needs_scores and score_cache is None:
+            raise ValueError("noise/informative masking needs a score cache")
+        self.score_cache = score_cache
+        self.seed = seed
+        self.skip_bad_images = skip_bad_images
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Masks of epoch `epoch` (set before creating the loader iterator)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor] | None:
+        pid, image_id, path, caption = self.index[i]
+        try:
+            image = open_image(path)
+        except ImageReadError:
+            if self.skip_bad_images:
+                logger.warning("skipping unreadable image %s (sample %d)", path, i)
+                return None
+            raise
+        ids = self.tokenizer.tokenize(caption, self.text_length)[0]
+        # Augmentation draws from torch's global RNG; seeding it per sample (in a
+        # forked RNG scope) makes every sample a pure function of (seed, epoch,
+        # index): identical for any worker count and after a mid-epoch resume.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_sample_seed(self.seed, self.epoch, i) ^ 0x5DEECE66D)
+            pixels = self.transform(image)
+        sample = {
+            "images": pixels,
+            "pids": torch.tensor(pid, dtype=torch.long),
+            "image_ids": torch.tensor(image_id, dtype=torch.long),
+            "index": torch.tensor(i, dtype=torch.long),
+            "caption_ids": ids,
+        }
+        sample.update(self.mask(ids, i))
+        return sample
+
+    def mask(self, ids: torch.Tensor, i: int) -> dict[str, torch.Tensor]:
+        """The masked captions of sample `i` (deterministic in seed, epoch and i)."""
+        spec = self.masking
+        out: dict[str, torch.Tensor] = {}
+        if not spec.noise and spec.mlm == "none":
+            return out
+        generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, i))
+        scores = self.score_cache.get([i])[0] if spec.needs_scores else None
+        common = dict(mask_ratio=spec.mask_ratio, random_ratio=spec.random_ratio)
+        if spec.noise:
+            out["noise_ids"] = noise_mask(ids, scores, generator, max_prob=spec.noise_max_prob,
+                                          slope=spec.noise_slope, center=spec.noise_center,
+                                          force_one=spec.noise_force_one, **common)
+        if spec.mlm == "informative":
+            out["mlm_ids"], out["mlm_labels"] = informative_mask(
+                ids, scores, generator, max_prob=spec.mlm_max_prob, slope=spec.mlm_slope,
+                center=spec.mlm_center, **common)
+        elif spec.mlm == "random":
+            out["mlm_ids"], out["mlm_labels"] = random_mask(ids, generator, prob=spec.random_prob, **common)
+        return out
+
+
+def collate_train(samples: Sequence[dict | None]) -> dict[str, torch.Tensor]:
+    """Stack samples; skipped (None) samples are dropped and counted in `num_skipped`."""
+    kept = [s for s in samples if s is not None]
+    batch = default_collate(kept) if kept else {}
+    batch["num_skipped"] = torch.tensor(len(samples) - len(kept))
+    return batch
+
+
+class ImageDataset(Dataset):
+    """Evaluation gallery: (pid, image tensor)."""
+
+    def __init__(self, img_paths: Sequence[str], pids: np.ndarray, transform: Callable) -> None:
+        self.img_paths = img_paths
+        self.pids = np.asarray(pids, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.img_paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        return int(self.pids[i]), self.transform(open_image(self.img_paths[i]))
+
+
+class TextDataset(Dataset):
+    """Evaluation queries: (pid, token ids)."""
+
+    def __init__(self, captions: Sequence[str], pids: np.ndarray, tokenizer: Tokenizer,
+                 text_length: int = 77) -> None:
+        self.captions = captions
+        self.pids = np.asarray(pids, dtype=np.int64)
+        self.tokenizer = tokenizer
+        self.text_length = text_length
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        return int(self.pids[i]), self.tokenizer.tokenize(self.captions[i], self.text_length)[0]
+
+
+def build_train_loader(cfg: Any, index: TrainIndex, tokenizer: Tokenizer, *, score_cache: Any = None,
+                       rank: int = 0, world_size: int = 1) -> DataLoader:
+    """The training loader of `index` as the config describes it.
+
+    The loader's sampler and dataset both have `set_epoch`; call
+    `set_loader_epoch(loader, epoch)` before iterating each epoch.
+    """
+    spec = masking_spec_from_config(cfg)
+    transform = build_transforms(tuple(cfg.model.clip.image_size), is_train=True, aug=cfg.data.img_aug)
+    dataset = TrainDataset(index, transform, tokenizer, text_length=cfg.data.text_length, masking=spec,
+                           score_cache=score_cache if spec.needs_scores else None, seed=cfg.seed,
+                           skip_bad_images=cfg.data.skip_bad_images)
+    if cfg.data.sampler == "identity":
+        sampler: Any = IdentitySampler(index.pids, cfg.data.batch_size * world_size, cfg.data.num_instances,
+                                       seed=cfg.seed, rank=rank, world_size=world_size)
+    elif cfg.data.sampler == "random":
+        sampler = DistributedRandomSampler(len(index), seed=cfg.seed, rank=rank, world_size=world_size,
+                                           shuffle=True, drop_last=True)
+    else:
+        raise ValueError(f"unknown data.sampler {cfg.data.sampler!r}; valid: {', '.join(SAMPLERS)}")
+    return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
+                      num_workers=cfg.data.num_workers, collate_fn=collate_train,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell the sampler (order) and the dataset (masks) which epoch starts."""
+    loader.sampler.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)
+
+
+def build_eval_loaders(cfg: Any, split: EvalSplit, tokenizer: Tokenizer) -> tuple[DataLoader, DataLoader]:
+    """(image loader, text loader) of an evaluation split, in dataset order."""
+    transform = build_transforms(tuple(cfg.model.clip.image_size), is_train=False)
+    kwargs = dict(batch_size=cfg.data.test_batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    images = DataLoader(ImageDataset(split.img_paths, split.image_pids, transform), **kwargs)
+    texts = DataLoader(TextDataset(split.captions, split.caption_pids, tokenizer, cfg.data.text_length), **kwargs)
+    return images, texts

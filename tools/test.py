@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint (ours, the GA-DMS authors' or IRRA's) on configured benchmarks.
+
+    python tools/test.py --config RUN/config.yaml --checkpoint RUN/best_CUHK-PEDES.pth [key=value ...]
+    python tools/test.py --config configs/finetune/cuhkpedes.yaml --checkpoint best0.pth eval.datasets=[CUHK-PEDES]
+
+Only the backbone must match the checkpoint exactly: evaluation does not use
+the MLM branch or the ID classifier, so those may be missing or differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from datasets import build_dataset  # noqa: E402
+from model import build_model  # noqa: E402
+from model.clip import is_torchscript_archive, load_clip_state_dict  # noqa: E402
+from model.weights import load_model_weights, read_checkpoint, unwrap_state_dict  # noqa: E402
+from processor.engine import resolve_device  # noqa: E402
+from processor.evaluate import append_metrics, build_evaluator  # noqa: E402
+from utils.config import ConfigError, load_config  # noqa: E402
+from utils.logger import setup_logging  # noqa: E402
+from utils.metrics import format_table  # noqa: E402
+
+HEADS = ("classifier.", "cross_attn.", "cross_modal_transformer.", "ln_pre_t.", "ln_pre_i.", "ln_post.",
+         "mlm_head.")
+
+
+def load_for_evaluation(cfg, path: str, *, trust: bool = False) -> torch.nn.Module:
+    """A retrieval model holding the checkpoint's weights.
+
+    A plain OpenAI CLIP file (TorchScript or state dict) evaluates zero-shot
+    CLIP (the "none" row of the direct-transfer table); anything else must be a
+    retrieval checkpoint whose backbone matches the config exactly.
+    """
+    if is_torchscript_archive(path):
+        state = load_clip_state_dict(path)
+    else:
+        state = unwrap_state_dict(read_checkpoint(path, trust=trust), source=path)
+    if "visual.conv1.weight" in state:
+        cfg.model.clip.pretrained = path
+        return build_model(cfg, num_classes=0)
+    num_classes = int(state["classifier.weight"].shape[0]) if "classifier.weight" in state else 0
+    model = build_model(cfg, num_classes=num_classes)
+    load_model_weights(model, state, allowed_missing=HEADS, allowed_unexpected=HEADS, source=path)
+    return model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the run's config.yaml or any experiment YAML")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file to evaluate")
+    parser.add_argument("--split", default="test", choices=["test", "val"], help="split to evaluate")
+    parser.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
+    parser.add_argument("--no-record", action="store_true", help="do not append to <output_dir>/metrics.jsonl")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. eval.datasets=[RSTPReid]")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, list(args.overrides) + ["model.clip.pretrained="])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    setup_logging(None)
+    model = load_for_evaluation(cfg, args.checkpoint, trust=args.trust)
+    device = resolve_device(cfg.device)
+    model.to(device).eval()
+
+    root = cfg.eval.root or cfg.data.root
+    splits = {}
+    for name in cfg.eval.datasets:
+        split = getattr(build_dataset(name, root), args.split, None)
+        if split is None:
+            print(f"warning: {name} has no {args.split} split; skipped", file=sys.stderr)
+            continue
+        splits[name] = split
+    if not splits:
+        print("error: nothing to evaluate (check eval.datasets and --split)", file=sys.stderr)
+        return 2
+    evaluator = build_evaluator(cfg, splits, device)
+    start = time.time()
+    with torch.inference_mode():
+        results = evaluator.evaluate(model)
+    rows = {f"{name} {task}": m for name, tasks in results.items() for task, m in tasks.items()}
+    print(format_table(rows))
+    print(f"evaluated {args.checkpoint} in {time.time() - start:.1f}s")
+    if not args.no_record:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        for name, tasks in results.items():
+            for task, m in tasks.items():
+                append_metrics(cfg.output_dir, {"type": "test", "checkpoint": str(args.checkpoint), "dataset": name,
+                                                "split": args.split, "task": task,
+                                                **{k: m[k] for k in ("R1", "R5", "R10", "mAP", "mINP")}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Train GA-DMS: pretraining or fine-tuning, as the config's `task` says.
+
+    python tools/train.py --config configs/pretrain/webperson_5m.yaml [key=value ...]
+    python tools/train.py --config configs/finetune/cuhkpedes.yaml --finetune ckpt.pth [key=value ...]
+
+Under torchrun every process runs this script (see pretrain.sh / finetune.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from processor.engine import Trainer  # noqa: E402
+from processor.finetune import FinetuneTask  # noqa: E402
+from processor.pretrain import PretrainTask  # noqa: E402
+from utils import comm  # noqa: E402
+from utils.config import ConfigError, load_config  # noqa: E402
+from utils.metrics import format_table  # noqa: E402
+
+TASKS = {"pretrain": PretrainTask, "finetune": FinetuneTask}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML (inherits configs/base.yaml)")
+    parser.add_argument("--finetune", default=None, help="initialise from this checkpoint (= model.finetune=...)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. solver.lr=1e-5")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.finetune:
+        overrides.append(f"model.finetune={args.finetune}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if cfg.task not in TASKS:
+        print(f"error: unknown task {cfg.task!r}; valid: {', '.join(TASKS)}", file=sys.stderr)
+        return 2
+    trainer = Trainer(cfg, TASKS[cfg.task]())
+    try:
+        best = trainer.train()
+    finally:
+        comm.cleanup()
+    if comm.is_main_process() and best:
+        rows = {f"{name} ({b['split']}, epoch {b['epoch']})": b for name, b in best.items()}
+        rows.update({f"{name} test @ best": b["test"] for name, b in best.items() if "test" in b})
+        print(format_table(rows))
+    print(f"run directory: {trainer.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
