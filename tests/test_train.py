@@ -122,8 +122,8 @@ def test_sigterm_mid_epoch_saves_last_and_resume_equals_uninterrupted(synthetic_
 
 
 def test_nonfinite_loss_is_skipped_and_counted(synthetic_root, tmp_path, monkeypatch):
-    cfg = load_config(PRETRAIN, small(synthetic_root, tmp_path, "solver.epochs=1", "train.max_steps=3",
-                                      "eval.period=0", "train.max_nonfinite=2"))
+    cfg = load_config(PRETRAIN, small(synthetic_root, tmp_path, "solver.epochs=1", "solver.warmup_epochs=0", "train.max_steps=3",
+                                      "eval.period=0", "train.max_nonfinite=3"))
     trainer = Trainer(cfg, PretrainTask())
     forward = type(trainer.model).forward
     calls = {"n": 0}
@@ -148,9 +148,9 @@ def test_nonfinite_loss_is_skipped_and_counted(synthetic_root, tmp_path, monkeyp
         assert torch.equal(v, after_first[k]), k
     assert all(p.grad is None for p in trainer.model.parameters())
     calls["n"] = 1
-    assert trainer.step(batch) is None
-    with pytest.raises(NonFiniteLossError):
-        calls["n"] = 1
+    assert trainer.step(batch) is None       # 2 in a row
+    calls["n"] = 1
+    with pytest.raises(NonFiniteLossError):  # 3 in a row = train.max_nonfinite
         trainer.step(batch)
 
 
