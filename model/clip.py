@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from model.weights import IncompatibleWeightsError, unwrap_state_dict
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -486,7 +488,8 @@ def resolve_clip_checkpoint(name_or_path: str, cache_dir: str | None = None) -> 
     return path
 
 
-def _is_torchscript_archive(path: str) -> bool:
+def is_torchscript_archive(path: str) -> bool:
+    """Whether `path` is a TorchScript archive (OpenAI's release format)."""
     # torch.save and torch.jit.save both write zip files; only TorchScript stores code.
     if not zipfile.is_zipfile(path):
         return False
@@ -494,20 +497,11 @@ def _is_torchscript_archive(path: str) -> bool:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
-def _unwrap_state_dict(obj: Any, path: str) -> dict[str, Tensor]:
-    if isinstance(obj, Mapping):
-        for wrapper_key in ("state_dict", "model"):
-            if isinstance(obj.get(wrapper_key), Mapping):
-                obj = obj[wrapper_key]
-                break
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise RuntimeError(
-            f"{path} is neither a TorchScript archive nor a state dict of tensors "
-            "(optionally wrapped under 'state_dict' or 'model')"
-        )
-    state = {str(k): v for k, v in obj.items()}
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
+def _backbone_state_dict(obj: Any, path: str) -> dict[str, Tensor]:
+    try:
+        state = unwrap_state_dict(obj, source=path)
+    except IncompatibleWeightsError as err:
+        raise RuntimeError(f"{path} is neither a TorchScript archive nor a state dict of tensors: {err}") from err
     # A full IRRA / GA-DMS retrieval checkpoint holds the backbone under ``base_model.``.
     if "visual.conv1.weight" not in state and "base_model.visual.conv1.weight" in state:
         state = {k[len("base_model.") :]: v for k, v in state.items() if k.startswith("base_model.")}
@@ -516,7 +510,7 @@ def _unwrap_state_dict(obj: Any, path: str) -> dict[str, Tensor]:
 
 def load_clip_state_dict(path: str) -> dict[str, Tensor]:
     """Read a TorchScript archive or a (wrapped) state dict into an fp32 state dict."""
-    if _is_torchscript_archive(path):
+    if is_torchscript_archive(path):
         with warnings.catch_warnings():
             # torch deprecates TorchScript, but OpenAI's releases are TorchScript archives.
             warnings.filterwarnings("ignore", message=".*torch.jit", category=FutureWarning)
@@ -526,7 +520,7 @@ def load_clip_state_dict(path: str) -> dict[str, Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several unrelated types for foreign files
             raise RuntimeError(f"cannot read {path} as a TorchScript archive or a torch state dict: {err}") from err
-        state = _unwrap_state_dict(obj, path)
+        state = _backbone_state_dict(obj, path)
     for key in _NON_PARAMETER_KEYS:
         state.pop(key, None)
     # OpenAI ships fp16 weights; the model is fp32 and autocast handles low precision.
