@@ -104,8 +104,12 @@ class GADMS(CrossModalMLM, nn.Module):
 
     def encode_text(self, ids: Tensor) -> Tensor:
         """Text features [B, D] at the EOT position (not normalised), float32."""
-        tokens = self.base_model.encode_text(ids)
-        return tokens[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)].float()
+        eot = ids.argmax(dim=-1)
+        # The text tower is causal, so the padding after the batch's last EOT
+        # cannot change any feature up to it: dropping it is exact and saves
+        # most of the compute on short captions.
+        tokens = self.base_model.encode_text(ids[:, : int(eot.max()) + 1])
+        return tokens[torch.arange(ids.shape[0], device=ids.device), eot].float()
 
     def token_scores(self, image_feats: Tensor, ids: Tensor) -> Tensor:
         """Per-token scores [B, L] of the clean captions (GASS or the CSS ablation)."""

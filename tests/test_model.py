@@ -171,3 +171,12 @@ def test_untrusted_pickle_is_refused(tmp_path):
     assert isinstance(read_checkpoint(path, trust=True)["obj"], _Arbitrary)
     with pytest.raises(FileNotFoundError):
         read_checkpoint(tmp_path / "missing.pth")
+
+
+def test_text_features_ignore_trailing_padding():
+    model = build_model(tiny_cfg(), num_classes=0).eval()
+    ids = make_batch()["caption_ids"]
+    with torch.no_grad():
+        ours = model.encode_text(ids)
+        full = model.base_model.encode_text(ids)[torch.arange(4), ids.argmax(-1)]
+    torch.testing.assert_close(ours, full, atol=1e-5, rtol=1e-5)
