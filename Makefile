@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-PYTEST_ARGS ?=
+# Two test workers (one per core), one BLAS thread each: the tests are many
+# small CPU-bound models, which two threads per process would only oversubscribe.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: setup test demo lint clean
 
@@ -16,7 +18,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) tools/demo.py
