@@ -1,0 +1,187 @@
+"""Optimiser construction with IRRA-style per-parameter learning rates.
+
+Rule (prefix-based version of IRRA's ``solver/build.py``), for every trainable
+parameter not under a ``frozen_prefixes`` entry:
+
+* **new module** (name starts with one of ``new_module_prefixes``, compared on
+  whole dotted components, so ``ln_post`` matches ``ln_post.weight`` but not
+  ``base_model.visual.ln_post.weight``): ``lr * lr_factor``;
+* otherwise a **bias** (the parameter's own name, the last dotted component,
+  contains ``"bias"``, e.g. ``bias`` or ``in_proj_bias``): ``lr * bias_lr_factor``;
+* otherwise ``lr``.
+
+Weight decay is ``weight_decay_bias`` for every bias (new module or not) and
+``weight_decay`` for everything else. The factors never multiply each other.
+
+Differences from IRRA, which tests substrings of the full name in the order
+"cross" -> "bias" -> "classifier"/"mlm_head", each assignment replacing the
+previous lr:
+
+* IRRA gives biases *inside* the cross-modal modules (``cross_attn``,
+  ``cross_modal_transformer``) ``lr * bias_lr_factor``, because its bias test
+  runs after the "cross" test; here every new-module parameter, bias or not,
+  gets ``lr * lr_factor``. Classifier / MLM-head biases agree (``lr * lr_factor``).
+* Membership is by name prefix rather than substring, so a backbone parameter
+  whose name merely contains "cross" or "classifier" is not a new module.
+* The default ``new_module_prefixes`` include IRRA's randomly initialised
+  ``ln_pre_t``, ``ln_pre_i`` and ``ln_post``, which IRRA itself trains at the
+  base lr; pass ``("cross_attn", "cross_modal_transformer", "mlm_head",
+  "classifier")`` to keep them at the base lr as IRRA does.
+
+Parameters with equal ``(lr, weight_decay)`` share one param group (a handful
+of groups instead of one per tensor); each group also carries ``param_names``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_NEW_MODULE_PREFIXES",
+    "OPTIMIZERS",
+    "build_optimizer",
+    "build_param_groups",
+]
+
+DEFAULT_NEW_MODULE_PREFIXES = (
+    "cross_attn",
+    "cross_modal_transformer",
+    "ln_pre_t",
+    "ln_pre_i",
+    "ln_post",
+    "mlm_head",
+    "classifier",
+)
+
+
+def _has_prefix(name: str, prefix: str) -> bool:
+    """Whether ``prefix`` is a leading run of whole dotted components of ``name``."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def build_param_groups(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    bias_lr_factor: float = 2.0,
+    weight_decay_bias: float = 0.0,
+    lr_factor: float = 5.0,
+    new_module_prefixes: Sequence[str] = DEFAULT_NEW_MODULE_PREFIXES,
+    frozen_prefixes: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """Param groups with per-parameter lr / weight decay (see the module docstring).
+
+    Args:
+        model: the model; parameters with ``requires_grad=False`` are skipped.
+        lr: base learning rate.
+        weight_decay: weight decay of non-bias parameters.
+        bias_lr_factor: lr multiplier of biases outside new modules.
+        weight_decay_bias: weight decay of all biases.
+        lr_factor: lr multiplier of every parameter of a new module.
+        new_module_prefixes: name prefixes of randomly initialised modules.
+        frozen_prefixes: name prefixes whose parameters are left out of the
+            optimiser (their ``requires_grad`` is not changed).
+
+    Returns:
+        Groups ``{"params", "param_names", "lr", "weight_decay"}`` in order of
+        first appearance in ``model.named_parameters()``.
+
+    Raises:
+        ValueError: if a frozen prefix matches no parameter (likely a typo) or
+            no trainable parameter is left.
+    """
+    if isinstance(new_module_prefixes, str) or isinstance(frozen_prefixes, str):
+        raise ValueError("new_module_prefixes and frozen_prefixes must be sequences of names, not a string")
+    named = list(model.named_parameters())
+    unmatched = [p for p in frozen_prefixes if not any(_has_prefix(name, p) for name, _ in named)]
+    if unmatched:
+        raise ValueError(f"frozen_prefixes {unmatched} match no parameter of {type(model).__name__}")
+
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    new_module_params = 0
+    for name, param in named:
+        if not param.requires_grad or any(_has_prefix(name, p) for p in frozen_prefixes):
+            continue
+        is_bias = "bias" in name.rsplit(".", 1)[-1]
+        if any(_has_prefix(name, p) for p in new_module_prefixes):
+            param_lr = lr * lr_factor
+            new_module_params += 1
+        elif is_bias:
+            param_lr = lr * bias_lr_factor
+        else:
+            param_lr = lr
+        param_wd = weight_decay_bias if is_bias else weight_decay
+        group = groups.setdefault(
+            (param_lr, param_wd), {"params": [], "param_names": [], "lr": param_lr, "weight_decay": param_wd}
+        )
+        group["params"].append(param)
+        group["param_names"].append(name)
+    if not groups:
+        raise ValueError(f"{type(model).__name__} has no trainable parameter outside frozen_prefixes")
+    absent = [p for p in new_module_prefixes if not any(_has_prefix(name, p) for name, _ in named)]
+    if absent:  # normal for e.g. pretraining without a classifier; a hint when names drift
+        logger.info("new_module_prefixes without any parameter in %s: %s", type(model).__name__, absent)
+    logger.info(
+        "optimiser: %d param groups, %d tensors of new modules at lr x %g, biases at lr x %g",
+        len(groups),
+        new_module_params,
+        lr_factor,
+        bias_lr_factor,
+    )
+    return list(groups.values())
+
+
+# Weight decay is set per param group, so it is not passed to the constructors.
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "Adam": torch.optim.Adam,
+    "AdamW": torch.optim.AdamW,
+    "SGD": torch.optim.SGD,
+}
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    name: str = "Adam",
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-3,
+    **group_kwargs: Any,
+) -> torch.optim.Optimizer:
+    """Optimiser over :func:`build_param_groups` of ``model``.
+
+    ``eps`` (default 1e-3, IRRA's Adam value) is used by Adam and AdamW alike
+    (IRRA hard-codes 1e-8 for AdamW); SGD ignores ``betas`` and ``eps``, Adam and
+    AdamW ignore ``momentum``. Adam applies weight decay as L2 in the gradient,
+    AdamW decoupled, as in torch.
+
+    Args:
+        model: the model to optimise.
+        name: ``Adam``, ``AdamW`` or ``SGD``.
+        lr: base learning rate.
+        weight_decay: weight decay of non-bias parameters.
+        momentum: SGD momentum.
+        betas: Adam/AdamW betas.
+        eps: Adam/AdamW epsilon.
+        **group_kwargs: forwarded to :func:`build_param_groups`
+            (``bias_lr_factor``, ``weight_decay_bias``, ``lr_factor``,
+            ``new_module_prefixes``, ``frozen_prefixes``).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid names: {sorted(OPTIMIZERS)}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must hold two values, got {list(betas)}")
+    groups = build_param_groups(model, lr=lr, weight_decay=weight_decay, **group_kwargs)
+    if name == "SGD":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return OPTIMIZERS[name](groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps)
