@@ -122,7 +122,9 @@ class TrainDataset(Dataset):
         # forked RNG scope) makes every sample a pure function of (seed, epoch,
         # index): identical for any worker count and after a mid-epoch resume.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_sample_seed(self.seed, self.epoch, i) ^ 0x5DEECE66D)
+            # The CPU generator only: torch.manual_seed also queues CUDA seeding,
+            # which records a stack trace per call (milliseconds per sample).
+            torch.default_generator.manual_seed(_sample_seed(self.seed, self.epoch, i) ^ 0x5DEECE66D)
             pixels = self.transform(image)
         sample = {
             "images": pixels,
