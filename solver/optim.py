@@ -1,32 +1,22 @@
-"""Optimiser construction with IRRA-style per-parameter learning rates.
+"""Optimiser construction with IRRA's per-parameter learning rates.
 
-Rule (prefix-based version of IRRA's ``solver/build.py``), for every trainable
-parameter not under a ``frozen_prefixes`` entry:
+Rule (IRRA's ``solver/build.py``, with its precedence), for every trainable
+parameter not under a ``frozen_prefixes`` entry, starting from ``lr`` and
+``weight_decay``:
 
-* **new module** (name starts with one of ``new_module_prefixes``, compared on
-  whole dotted components, so ``ln_post`` matches ``ln_post.weight`` but not
-  ``base_model.visual.ln_post.weight``): ``lr * lr_factor``;
-* otherwise a **bias** (the parameter's own name, the last dotted component,
-  contains ``"bias"``, e.g. ``bias`` or ``in_proj_bias``): ``lr * bias_lr_factor``;
-* otherwise ``lr``.
+1. under a **cross-modal** prefix (``cross_attn``, ``cross_modal_transformer``):
+   ``lr * lr_factor``;
+2. a **bias** (the parameter's own name, its last dotted component, contains
+   ``"bias"``): ``lr * bias_lr_factor`` and ``weight_decay_bias`` — this replaces
+   step 1, so cross-modal biases get the bias factor, as in IRRA;
+3. under a **head** prefix (``mlm_head``, ``classifier``): ``lr * lr_factor``
+   (replacing step 2's lr; a head bias keeps ``weight_decay_bias``).
 
-Weight decay is ``weight_decay_bias`` for every bias (new module or not) and
-``weight_decay`` for everything else. The factors never multiply each other.
-
-Differences from IRRA, which tests substrings of the full name in the order
-"cross" -> "bias" -> "classifier"/"mlm_head", each assignment replacing the
-previous lr:
-
-* IRRA gives biases *inside* the cross-modal modules (``cross_attn``,
-  ``cross_modal_transformer``) ``lr * bias_lr_factor``, because its bias test
-  runs after the "cross" test; here every new-module parameter, bias or not,
-  gets ``lr * lr_factor``. Classifier / MLM-head biases agree (``lr * lr_factor``).
-* Membership is by name prefix rather than substring, so a backbone parameter
-  whose name merely contains "cross" or "classifier" is not a new module.
-* The default ``new_module_prefixes`` include IRRA's randomly initialised
-  ``ln_pre_t``, ``ln_pre_i`` and ``ln_post``, which IRRA itself trains at the
-  base lr; pass ``("cross_attn", "cross_modal_transformer", "mlm_head",
-  "classifier")`` to keep them at the base lr as IRRA does.
+The randomly initialised ``ln_pre_t``, ``ln_pre_i`` and ``ln_post`` are trained at
+the base lr, as IRRA does. One deliberate difference: IRRA tests substrings of
+the full name ("cross" in name), we test whole leading name components, so a
+backbone parameter whose name merely contains "cross" or "classifier" is never
+taken for a new module.
 
 Parameters with equal ``(lr, weight_decay)`` share one param group (a handful
 of groups instead of one per tensor); each group also carries ``param_names``.
@@ -44,21 +34,15 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_NEW_MODULE_PREFIXES",
+    "CROSS_MODAL_PREFIXES",
+    "HEAD_PREFIXES",
     "OPTIMIZERS",
     "build_optimizer",
     "build_param_groups",
 ]
 
-DEFAULT_NEW_MODULE_PREFIXES = (
-    "cross_attn",
-    "cross_modal_transformer",
-    "ln_pre_t",
-    "ln_pre_i",
-    "ln_post",
-    "mlm_head",
-    "classifier",
-)
+CROSS_MODAL_PREFIXES = ("cross_attn", "cross_modal_transformer")
+HEAD_PREFIXES = ("mlm_head", "classifier")
 
 
 def _has_prefix(name: str, prefix: str) -> bool:
@@ -74,7 +58,8 @@ def build_param_groups(
     bias_lr_factor: float = 2.0,
     weight_decay_bias: float = 0.0,
     lr_factor: float = 5.0,
-    new_module_prefixes: Sequence[str] = DEFAULT_NEW_MODULE_PREFIXES,
+    cross_prefixes: Sequence[str] = CROSS_MODAL_PREFIXES,
+    head_prefixes: Sequence[str] = HEAD_PREFIXES,
     frozen_prefixes: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Param groups with per-parameter lr / weight decay (see the module docstring).
@@ -83,10 +68,11 @@ def build_param_groups(
         model: the model; parameters with ``requires_grad=False`` are skipped.
         lr: base learning rate.
         weight_decay: weight decay of non-bias parameters.
-        bias_lr_factor: lr multiplier of biases outside new modules.
+        bias_lr_factor: lr multiplier of biases (outside the heads).
         weight_decay_bias: weight decay of all biases.
-        lr_factor: lr multiplier of every parameter of a new module.
-        new_module_prefixes: name prefixes of randomly initialised modules.
+        lr_factor: lr multiplier of the new cross-modal modules (but their biases) and heads.
+        cross_prefixes: name prefixes of the cross-modal modules (rule step 1).
+        head_prefixes: name prefixes of the prediction heads (rule step 3).
         frozen_prefixes: name prefixes whose parameters are left out of the
             optimiser (their ``requires_grad`` is not changed).
 
@@ -98,8 +84,9 @@ def build_param_groups(
         ValueError: if a frozen prefix matches no parameter (likely a typo) or
             no trainable parameter is left.
     """
-    if isinstance(new_module_prefixes, str) or isinstance(frozen_prefixes, str):
-        raise ValueError("new_module_prefixes and frozen_prefixes must be sequences of names, not a string")
+    if any(isinstance(p, str) for p in (cross_prefixes, head_prefixes, frozen_prefixes)):
+        raise ValueError("cross_prefixes, head_prefixes and frozen_prefixes must be sequences of names, not a string")
+    new_module_prefixes = tuple(cross_prefixes) + tuple(head_prefixes)
     named = list(model.named_parameters())
     unmatched = [p for p in frozen_prefixes if not any(_has_prefix(name, p) for name, _ in named)]
     if unmatched:
@@ -111,14 +98,14 @@ def build_param_groups(
         if not param.requires_grad or any(_has_prefix(name, p) for p in frozen_prefixes):
             continue
         is_bias = "bias" in name.rsplit(".", 1)[-1]
-        if any(_has_prefix(name, p) for p in new_module_prefixes):
+        param_lr, param_wd = lr, weight_decay
+        if any(_has_prefix(name, p) for p in cross_prefixes):
             param_lr = lr * lr_factor
-            new_module_params += 1
-        elif is_bias:
-            param_lr = lr * bias_lr_factor
-        else:
-            param_lr = lr
-        param_wd = weight_decay_bias if is_bias else weight_decay
+        if is_bias:
+            param_lr, param_wd = lr * bias_lr_factor, weight_decay_bias
+        if any(_has_prefix(name, p) for p in head_prefixes):
+            param_lr = lr * lr_factor
+        new_module_params += any(_has_prefix(name, p) for p in new_module_prefixes)
         group = groups.setdefault(
             (param_lr, param_wd), {"params": [], "param_names": [], "lr": param_lr, "weight_decay": param_wd}
         )
@@ -128,9 +115,9 @@ def build_param_groups(
         raise ValueError(f"{type(model).__name__} has no trainable parameter outside frozen_prefixes")
     absent = [p for p in new_module_prefixes if not any(_has_prefix(name, p) for name, _ in named)]
     if absent:  # normal for e.g. pretraining without a classifier; a hint when names drift
-        logger.info("new_module_prefixes without any parameter in %s: %s", type(model).__name__, absent)
+        logger.info("new-module prefixes without any parameter in %s: %s", type(model).__name__, absent)
     logger.info(
-        "optimiser: %d param groups, %d tensors of new modules at lr x %g, biases at lr x %g",
+        "optimiser: %d param groups, %d tensors of new modules (lr x %g but cross-modal biases), biases at lr x %g",
         len(groups),
         new_module_params,
         lr_factor,
@@ -175,7 +162,7 @@ def build_optimizer(
         eps: Adam/AdamW epsilon.
         **group_kwargs: forwarded to :func:`build_param_groups`
             (``bias_lr_factor``, ``weight_decay_bias``, ``lr_factor``,
-            ``new_module_prefixes``, ``frozen_prefixes``).
+            ``cross_prefixes``, ``head_prefixes``, ``frozen_prefixes``).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {sorted(OPTIMIZERS)}")
