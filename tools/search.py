@@ -1,0 +1,364 @@
+#!/usr/bin/env python
+"""Text-to-image search: rank a gallery of person images for free-text queries.
+
+    python tools/search.py --checkpoint RUN/best_CUHK-PEDES.pth --images photos/ \\
+        --query "a woman in a red coat with a black backpack" [--query ...] [--topk 10] [--grid hits.png]
+    python tools/search.py --checkpoint RUN/last.pth --dataset CUHK-PEDES --root data/synthetic --split test \\
+        --query "..." --json hits.json
+
+The config defaults to the `config.yaml` next to the checkpoint. Gallery
+features are cached on disk (`--cache-dir`, default `<checkpoint dir>/gallery_cache/`),
+keyed by the checkpoint (path, mtime, size), the gallery file list, the image
+size and the backbone config, so repeated searches only embed the queries.
+
+The loading and embedding helpers here are shared by the visualisation tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from datasets import TextReIDDataset, build_dataset  # noqa: E402
+from datasets.bases import IMAGE_EXTENSIONS, ImageReadError, open_image  # noqa: E402
+from datasets.build import ImageDataset  # noqa: E402
+from datasets.transforms import build_transforms  # noqa: E402
+from model.tokenizer import Tokenizer  # noqa: E402
+from processor.engine import resolve_device  # noqa: E402
+from tools.test import load_for_evaluation  # noqa: E402
+from utils.config import Config, ConfigError, load_config  # noqa: E402
+from utils.visualize import BLACK, GREY, WHITE, fit_thumbnail, load_font, save_png, text_size, wrap_text  # noqa: E402
+
+CACHE_VERSION = 1
+SPLITS = ("test", "val", "train")
+
+
+class ToolError(Exception):
+    """A user-facing problem (bad argument, missing file); printed as `error: ...`."""
+
+
+# --------------------------------------------------------------------------- loading (shared by the tools)
+
+
+def resolve_config_path(checkpoint: str, config: str | None) -> str:
+    """`config`, or the `config.yaml` beside the checkpoint (a run directory's layout)."""
+    if config:
+        if not os.path.isfile(config):
+            raise ToolError(f"config file {config} not found")
+        return config
+    candidate = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.yaml")
+    if not os.path.isfile(candidate):
+        raise ToolError(f"no config.yaml next to checkpoint {checkpoint}; pass --config <run dir>/config.yaml "
+                        "(or the experiment YAML the checkpoint was trained with)")
+    return candidate
+
+
+def load_run_model(checkpoint: str, config: str | None, overrides: list[str] | None = None, *,
+                   trust: bool = False) -> tuple[Config, torch.nn.Module, torch.device]:
+    """Config, evaluation-mode model holding the checkpoint's weights, and the device it sits on.
+
+    Raises:
+        ToolError: the checkpoint or config is missing, or the weights do not fit the config.
+    """
+    if not os.path.isfile(checkpoint):
+        raise ToolError(f"checkpoint {checkpoint} not found")
+    config_path = resolve_config_path(checkpoint, config)
+    try:
+        # pretrained= keeps build_model from loading OpenAI weights the checkpoint overwrites anyway.
+        cfg = load_config(config_path, list(overrides or []) + ["model.clip.pretrained="])
+    except ConfigError as err:
+        raise ToolError(str(err)) from err
+    try:
+        model = load_for_evaluation(cfg, checkpoint, trust=trust)
+    except (KeyError, ValueError, RuntimeError, OSError) as err:
+        raise ToolError(f"cannot load checkpoint {checkpoint} with config {config_path}: {err}") from err
+    device = resolve_device(cfg.device)
+    return cfg, model.to(device).eval(), device
+
+
+def image_size_of(cfg: Config) -> tuple[int, int]:
+    """Model input (height, width) from the config."""
+    return int(cfg.model.clip.image_size[0]), int(cfg.model.clip.image_size[1])
+
+
+@torch.inference_mode()
+def embed_images(model: torch.nn.Module, paths: list[str], *, image_size: tuple[int, int], batch_size: int,
+                 device: torch.device, num_workers: int = 0) -> torch.Tensor:
+    """L2-normalised image features [N, D] (float32, CPU), with the evaluation transform."""
+    dataset = ImageDataset(paths, np.zeros(len(paths), dtype=np.int64), build_transforms(image_size, is_train=False))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    feats = [torch.zeros(0, model.embed_dim)]
+    for _, images in loader:
+        feats.append(F.normalize(model.encode_image(images.to(device)).float(), dim=-1).cpu())
+    return torch.cat(feats)
+
+
+@torch.inference_mode()
+def embed_texts(model: torch.nn.Module, texts: list[str], *, tokenizer: Tokenizer, text_length: int,
+                device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised text features [N, D] (float32, CPU)."""
+    feats = [torch.zeros(0, model.embed_dim)]
+    for start in range(0, len(texts), batch_size):
+        ids = tokenizer.tokenize(list(texts[start:start + batch_size]), text_length).to(device)
+        feats.append(F.normalize(model.encode_text(ids).float(), dim=-1).cpu())
+    return torch.cat(feats)
+
+
+def list_images(folder: str) -> list[str]:
+    """Image files under `folder` (recursive, sorted).
+
+    Raises:
+        ToolError: the folder does not exist, is empty, or holds no image files.
+    """
+    if not os.path.isdir(folder):
+        raise ToolError(f"--images folder {folder} does not exist or is not a folder")
+    files = sorted(str(p) for p in Path(folder).rglob("*") if p.is_file())
+    if not files:
+        raise ToolError(f"--images folder {folder} is empty")
+    images = [f for f in files if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
+    if not images:
+        raise ToolError(f"no images ({', '.join('*.' + e for e in IMAGE_EXTENSIONS)}) found in {folder} "
+                        f"({len(files)} other file(s), e.g. {files[0]})")
+    return images
+
+
+def open_dataset(name: str, root: str, annotation: str | None = None) -> TextReIDDataset:
+    """`build_dataset`, passing the WebPerson annotation choice; errors become ToolError."""
+    try:
+        if name == "WebPerson":
+            return build_dataset(name, root, annotation=annotation or None)
+        return build_dataset(name, root)
+    except (ValueError, OSError) as err:
+        raise ToolError(str(err)) from err
+
+
+def dataset_gallery(name: str, root: str, split: str, annotation: str | None = None) -> tuple[list[str], np.ndarray]:
+    """Image paths and pids of a dataset split (`train` lists each training image once)."""
+    data = open_dataset(name, root, annotation)
+    if split == "train":
+        index = data.train
+        images, first = np.unique(index.image_ids, return_index=True)
+        return [index.image_path(int(i)) for i in images], index.pids[first]
+    subset = getattr(data, split, None)
+    if subset is None:
+        raise ToolError(f"{name} has no {split} split")
+    return list(subset.img_paths), np.asarray(subset.image_pids)
+
+
+# --------------------------------------------------------------------------- gallery cache
+
+
+def gallery_cache_key(checkpoint: str, paths: list[str], image_size: tuple[int, int], model_cfg: dict) -> str:
+    """Hex digest identifying gallery features: checkpoint (path, mtime, size), files, image size, backbone."""
+    stat = os.stat(checkpoint)
+    digest = hashlib.sha256()
+    header = {"version": CACHE_VERSION, "checkpoint": os.path.realpath(checkpoint), "mtime_ns": stat.st_mtime_ns,
+              "size": stat.st_size, "image_size": list(image_size), "model": model_cfg}
+    digest.update(json.dumps(header, sort_keys=True, default=str).encode())
+    for path in paths:
+        digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """Config sections as plain dicts (for a stable JSON cache key)."""
+    return {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def gallery_features(model: torch.nn.Module, paths: list[str], *, checkpoint: str, cfg: Config,
+                     device: torch.device, cache_dir: str | None,
+                     batch_size: int | None = None) -> tuple[torch.Tensor, bool]:
+    """Gallery features, from the cache when a matching entry exists; returns (features, from_cache).
+
+    A missing, stale or unreadable cache entry is (re)computed; the write is
+    atomic, so a concurrent reader never sees half a file.
+    """
+    image_size = image_size_of(cfg)
+    cache_file = None
+    if cache_dir:
+        key = gallery_cache_key(checkpoint, paths, image_size, _plain(dict(cfg.model.clip)))
+        cache_file = os.path.join(cache_dir, f"gallery-{key[:24]}.npz")
+        if os.path.isfile(cache_file):
+            try:
+                with np.load(cache_file, allow_pickle=False) as data:
+                    if str(data["key"]) == key and data["paths"].tolist() == paths:
+                        return torch.from_numpy(data["feats"].astype(np.float32)), True
+            except (OSError, KeyError, ValueError) as err:
+                print(f"warning: ignoring unreadable gallery cache {cache_file}: {err}", file=sys.stderr)
+    try:
+        feats = embed_images(model, paths, image_size=image_size, batch_size=batch_size or cfg.data.test_batch_size,
+                             device=device, num_workers=cfg.data.num_workers)
+    except ImageReadError as err:
+        raise ToolError(str(err)) from err
+    if cache_file:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, feats=feats.numpy(), paths=np.array(paths), key=np.array(key))
+            os.replace(tmp, cache_file)
+        except OSError as err:
+            print(f"warning: could not write gallery cache in {cache_dir}: {err}", file=sys.stderr)
+    return feats, False
+
+
+# --------------------------------------------------------------------------- search
+
+
+@dataclass
+class Hit:
+    """One retrieved gallery image."""
+
+    rank: int
+    index: int
+    path: str
+    score: float
+    pid: int | None = None
+
+
+def top_hits(query_feats: torch.Tensor, gallery_feats: torch.Tensor, paths: list[str], topk: int,
+             pids: np.ndarray | None = None) -> list[list[Hit]]:
+    """Top-k gallery images per query by cosine similarity (ties keep gallery order)."""
+    sim = query_feats @ gallery_feats.T
+    k = min(topk, sim.shape[1])
+    # A stable sort keeps equal scores in gallery order, so results are reproducible.
+    order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
+    return [[Hit(rank=r + 1, index=int(j), path=paths[int(j)], score=float(sim[q, j]),
+                 pid=None if pids is None else int(pids[int(j)]))
+             for r, j in enumerate(order[q])] for q in range(sim.shape[0])]
+
+
+def render_grid(queries: list[str], hits: list[list[Hit]], *, thumb_height: int = 160,
+                image_size: tuple[int, int] = (384, 128)) -> Image.Image:
+    """One row per query: the wrapped query above its top-k thumbnails, rank and score under each."""
+    font, small, bold = load_font(15), load_font(13), load_font(16)
+    thumb_w = max(24, round(thumb_height * image_size[1] / image_size[0]))
+    cell_w = max(thumb_w, text_size(small, "#10 0.000")[0]) + 12
+    k = max((len(h) for h in hits), default=1)
+    width = max(24 + k * cell_w, 480)
+    _, line_h = text_size(font, "Hg")
+    blocks = [wrap_text(f'query {i + 1}: "{q}"', bold, width - 24, max_lines=3) for i, q in enumerate(queries)]
+    row_h = thumb_height + 2 * line_h + 16
+    height = 12 + sum(len(b) * (line_h + 2) + 6 + row_h for b in blocks)
+    canvas = Image.new("RGB", (width, height), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    y = 12
+    for lines, row in zip(blocks, hits):
+        for line in lines:
+            draw.text((12, y), line, fill=BLACK, font=bold)
+            y += line_h + 2
+        y += 6
+        for c, hit in enumerate(row):
+            x = 12 + c * cell_w
+            try:
+                thumb = fit_thumbnail(open_image(hit.path), (thumb_w, thumb_height))
+            except ImageReadError:
+                thumb = Image.new("RGB", (thumb_w, thumb_height), GREY)
+            canvas.paste(thumb, (x, y))
+            draw.rectangle((x - 1, y - 1, x + thumb_w, y + thumb_height), outline=GREY)
+            label = f"#{hit.rank} {hit.score:.3f}"
+            draw.text((x, y + thumb_height + 4), label, fill=BLACK, font=small)
+            if hit.pid is not None:
+                draw.text((x, y + thumb_height + 4 + line_h), f"pid {hit.pid}", fill=GREY, font=small)
+        y += row_h
+    return canvas
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="retrieval checkpoint (or a plain CLIP file)")
+    parser.add_argument("--config", default=None, help="config YAML (default: config.yaml next to the checkpoint)")
+    gallery = parser.add_mutually_exclusive_group(required=True)
+    gallery.add_argument("--images", default=None, help="folder of gallery images (searched recursively)")
+    gallery.add_argument("--dataset", default=None, help="dataset whose split is the gallery, e.g. CUHK-PEDES")
+    parser.add_argument("--root", default=None, help="data root of --dataset (default: eval.root or data.root)")
+    parser.add_argument("--split", default="test", choices=SPLITS, help="gallery split of --dataset")
+    parser.add_argument("--annotation", default=None,
+                        help="WebPerson annotation file or shard folder (default: data.annotation)")
+    parser.add_argument("--query", action="append", required=True, help="text query (repeat for several)")
+    parser.add_argument("--topk", type=int, default=10, help="results per query")
+    parser.add_argument("--grid", default=None, help="save a PNG with one row of top-k images per query")
+    parser.add_argument("--thumb-height", type=int, default=160, help="thumbnail height in the grid (px)")
+    parser.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    parser.add_argument("--cache-dir", default=None,
+                        help="gallery feature cache folder (default: <checkpoint dir>/gallery_cache)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the gallery cache")
+    parser.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. device=cpu")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> list[list[Hit]]:
+    """Search as the parsed arguments say; prints the results and returns them."""
+    if args.topk < 1:
+        raise ToolError(f"--topk must be >= 1, got {args.topk}")
+    queries = [q.strip() for q in args.query]
+    empty = [i + 1 for i, q in enumerate(queries) if not q]
+    if empty:
+        raise ToolError(f"--query number {empty[0]} is empty")
+    if args.images is not None:
+        paths, pids = list_images(args.images), None
+    cfg, model, device = load_run_model(args.checkpoint, args.config, args.overrides, trust=args.trust)
+    if args.dataset is not None:
+        root = args.root or cfg.eval.root or cfg.data.root
+        annotation = args.annotation or (cfg.data.annotation if cfg.data.name == args.dataset else None)
+        paths, pids = dataset_gallery(args.dataset, root, args.split, annotation)
+        if not paths:
+            raise ToolError(f"{args.dataset} {args.split} split has no images")
+    cache_dir = None if args.no_cache else (
+        args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "gallery_cache"))
+    start = time.time()
+    gallery, cached = gallery_features(model, paths, checkpoint=args.checkpoint, cfg=cfg, device=device,
+                                       cache_dir=cache_dir)
+    if cached:
+        print(f"using cached gallery features ({len(paths)} images) from {cache_dir}")
+    else:
+        print(f"embedded {len(paths)} gallery images in {time.time() - start:.1f}s"
+              + (f" (cached in {cache_dir})" if cache_dir else ""))
+    text = embed_texts(model, queries, tokenizer=Tokenizer(), text_length=cfg.data.text_length, device=device)
+    hits = top_hits(text, gallery, paths, args.topk, pids)
+    for q, (query, row) in enumerate(zip(queries, hits)):
+        print(f'\nquery {q + 1}: "{query}"')
+        print(f"  {'rank':>4}  {'score':>7}  {'pid':>6}  path")
+        for hit in row:
+            pid = "-" if hit.pid is None else str(hit.pid)
+            print(f"  {hit.rank:>4}  {hit.score:7.4f}  {pid:>6}  {hit.path}")
+    if args.json:
+        records = [{"query": query, "results": [vars(h) for h in row]} for query, row in zip(queries, hits)]
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(records, indent=1), encoding="utf-8")
+        print(f"results written to {args.json}")
+    if args.grid:
+        grid = render_grid(queries, hits, thumb_height=args.thumb_height, image_size=image_size_of(cfg))
+        print(f"grid saved to {save_png(grid, args.grid)}")
+    return hits
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except ToolError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

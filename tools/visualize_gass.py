@@ -1,0 +1,527 @@
+#!/usr/bin/env python
+"""Show GASS token scores and the dual masks they induce, caption by caption.
+
+    python tools/visualize_gass.py --checkpoint RUN/last.pth --dataset WebPerson --root data/synthetic \\
+        --annotation annotations.json --split train --captions-from noise_report --num 8 --out gass.png
+    python tools/visualize_gass.py --checkpoint RUN/last.pth --dataset CUHK-PEDES --index 0 5 9 --out gass.png
+
+Each row: the image at the left; the caption's tokens (CLIP word pieces of one
+word drawn touching, words spaced) shaded by their score (white = 0 -> dark
+red = 1); tokens the noise mask replaces in the contrastive caption are boxed
+grey and struck through; tokens the informative mask selects for masked-token
+prediction are underlined blue. Masks are drawn with `datasets.masking` from
+these scores and a fixed seed (`--seed`), with the config's masking constants.
+
+Scores are `model.token_scores(model.encode_image(image), ids)` for the shown
+captions as one batch, so with `gass.normalize=batch` (the released code) the
+min-max normalisation spans the shown captions, as it spans the batch in
+training. On the synthetic data, when `<root>/noise_report.json` exists, the
+truly corrupted words of noisy captions get a red dot, and
+`--captions-from noise_report` picks noisy captions. For val/test captions the
+image is the first gallery image of the caption's identity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from datasets.bases import ImageReadError, open_image  # noqa: E402
+from datasets.masking import informative_mask, noise_mask  # noqa: E402
+from datasets.transforms import build_transforms  # noqa: E402
+from model.tokenizer import Tokenizer  # noqa: E402
+from tools.search import ToolError, image_size_of, load_run_model, open_dataset  # noqa: E402
+from utils.visualize import (  # noqa: E402
+    BLACK,
+    BLUE,
+    GREY,
+    LIGHT_GREY,
+    RED,
+    WHITE,
+    draw_colour_bar,
+    fit_thumbnail,
+    load_font,
+    save_png,
+    score_colour,
+    text_colour_on,
+    text_size,
+    wrap_text,
+)
+
+SELECTIONS = ("spread", "random", "noise_report")
+NOISE_REPORT = "noise_report.json"
+DARK_GREY = (70, 70, 70)
+#: Words after which the next word is drawn without a space ("t-shirt", "o'clock").
+JOINERS = ("-", "'", "/")
+
+
+@dataclass
+class TokenView:
+    """One caption token as drawn."""
+
+    position: int
+    text: str
+    word_end: bool
+    score: float = 0.0
+    noise_masked: bool = False
+    mlm_selected: bool = False
+    corrupted: bool = False
+
+
+@dataclass
+class CaptionView:
+    """One row of the figure."""
+
+    index: int
+    pid: int
+    image_path: str
+    caption: str
+    tokens: list[TokenView] = field(default_factory=list)
+    noise: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[TokenView]:
+    """The word pieces between SOT and EOT: decoded text and whether the piece ends a word."""
+    ids = [int(i) for i in ids]
+    eot = ids.index(tokenizer.eot_id) if tokenizer.eot_id in ids else len(ids)
+    out = []
+    for pos in range(1, eot):
+        token_id = ids[pos]
+        if token_id == tokenizer.mask_id:
+            out.append(TokenView(pos, "<|mask|>", True))
+            continue
+        piece = tokenizer.decoder[token_id]
+        end = piece.endswith("</w>")
+        raw = bytearray(tokenizer.byte_decoder[c] for c in (piece[:-4] if end else piece))
+        out.append(TokenView(pos, raw.decode("utf-8", errors="replace"), end))
+    return out
+
+
+def group_words(tokens: Sequence[TokenView]) -> list[list[int]]:
+    """Indices into `tokens` grouped into words (a word ends with a piece carrying `</w>`)."""
+    words: list[list[int]] = []
+    current: list[int] = []
+    for i, token in enumerate(tokens):
+        current.append(i)
+        if token.word_end:
+            words.append(current)
+            current = []
+    if current:
+        words.append(current)
+    return words
+
+
+def _word_strings(tokens: Sequence[TokenView]) -> list[str]:
+    return ["".join(tokens[i].text for i in word) for word in group_words(tokens)]
+
+
+def corrupted_positions(tokenizer: Tokenizer, ids: Sequence[int], clean: str | None,
+                        words: Sequence[str] = ()) -> set[int]:
+    """Token positions of words that are inserted or changed relative to the clean caption.
+
+    The noisy caption's words (as the tokenizer splits them) are aligned with
+    the clean caption's; replaced and inserted words are the corrupted ones.
+    Without a clean caption, words listed in `words` are marked.
+    """
+    tokens = token_pieces(tokenizer, ids)
+    groups = group_words(tokens)
+    noisy_words = _word_strings(tokens)
+    marked: set[int] = set()
+    if clean:
+        clean_ids = tokenizer.tokenize(clean, len(ids))[0].tolist()
+        clean_words = _word_strings(token_pieces(tokenizer, clean_ids))
+        matcher = difflib.SequenceMatcher(a=clean_words, b=noisy_words, autojunk=False)
+        for tag, _, _, j1, j2 in matcher.get_opcodes():
+            if tag in ("replace", "insert"):
+                for w in range(j1, j2):
+                    marked.update(tokens[i].position for i in groups[w])
+        return marked
+    wanted = {w.lower() for w in words}
+    for w, text in enumerate(noisy_words):
+        if text.lower() in wanted:
+            marked.update(tokens[i].position for i in groups[w])
+    return marked
+
+
+# --------------------------------------------------------------------------- captions
+
+
+class CaptionSource:
+    """Captions of a split with their pid and image (train: its own image; val/test: first image of the pid)."""
+
+    def __init__(self, data: Any, split: str) -> None:
+        self.split = split
+        if split == "train":
+            self.index = data.train
+            self.eval = None
+        else:
+            self.eval = getattr(data, split, None)
+            if self.eval is None:
+                raise ToolError(f"{data.name} has no {split} split")
+            self.first_image: dict[int, int] = {}
+            for j, pid in enumerate(np.asarray(self.eval.image_pids).tolist()):
+                self.first_image.setdefault(int(pid), j)
+
+    def __len__(self) -> int:
+        return len(self.index) if self.eval is None else len(self.eval.captions)
+
+    def caption(self, i: int) -> str:
+        return self.index[i][3] if self.eval is None else self.eval.captions[i]
+
+    def get(self, i: int) -> tuple[str, str, int]:
+        """(caption, image path, pid) of caption `i`."""
+        if self.eval is None:
+            pid, _, path, caption = self.index[i]
+            return caption, path, int(pid)
+        pid = int(self.eval.caption_pids[i])
+        if pid not in self.first_image:
+            raise ToolError(f"caption {i} (pid {pid}) has no image of its identity in the {self.split} gallery")
+        return self.eval.captions[i], self.eval.img_paths[self.first_image[pid]], pid
+
+
+def load_noise_report(root: str) -> dict[str, Any] | None:
+    """`noise_report.json` of the synthetic generator at the data root (or its parent), or None if absent."""
+    candidates = [os.path.join(root, NOISE_REPORT), os.path.join(os.path.dirname(os.path.normpath(root)), NOISE_REPORT)]
+    path = next((c for c in candidates if os.path.isfile(c)), None)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ToolError(f"cannot read {path}: {err}") from err
+    if not isinstance(report, dict):
+        raise ToolError(f"{path}: expected a JSON object with 'benchmark' and 'webperson' sections")
+    return report
+
+
+def match_noise_entries(report: dict[str, Any], dataset: str, source: CaptionSource) -> dict[int, dict[str, Any]]:
+    """Caption index in `source` -> noise-report entry, for the entries of this dataset and split.
+
+    Report keys are flat caption indices in annotation order, which equal the
+    training sample index for WebPerson; each match is confirmed by the
+    caption text, and entries whose key does not line up (e.g. the benchmark,
+    whose keys also count val/test records) are found by their text.
+    """
+    section = report.get("webperson" if dataset == "WebPerson" else "benchmark") or {}
+    entries = [(int(k), e) for k, e in section.items()
+               if str(k).isdigit() and isinstance(e, dict) and e.get("split") == source.split]
+    found: dict[int, dict[str, Any]] = {}
+    unresolved = []
+    for key, entry in sorted(entries, key=lambda item: item[0]):
+        if 0 <= key < len(source) and source.caption(key) == entry.get("text"):
+            found[key] = entry
+        else:
+            unresolved.append(entry)
+    if unresolved:
+        by_text: dict[str, list[int]] = {}
+        for i in range(len(source)):
+            by_text.setdefault(source.caption(i), []).append(i)
+        for entry in unresolved:
+            candidates = [i for i in by_text.get(entry.get("text"), []) if i not in found]
+            if candidates:
+                found[candidates[0]] = entry
+    return dict(sorted(found.items()))
+
+
+def choose_indices(source: CaptionSource, *, indices: list[int] | None, how: str, num: int, seed: int,
+                   noisy: dict[int, dict[str, Any]] | None) -> list[int]:
+    """The caption indices to show."""
+    n = len(source)
+    if n == 0:
+        raise ToolError(f"the {source.split} split has no captions")
+    if indices:
+        bad = [i for i in indices if not 0 <= i < n]
+        if bad:
+            raise ToolError(f"--index {bad[0]} out of range: the {source.split} split has {n} captions")
+        return list(indices)
+    if num < 1:
+        raise ToolError(f"--num must be >= 1, got {num}")
+    if how == "noise_report":
+        if not noisy:
+            raise ToolError(f"no caption of the {source.split} split is listed in {NOISE_REPORT}")
+        keys = list(noisy)
+        picks = np.linspace(0, len(keys) - 1, min(num, len(keys)))
+        return [keys[int(round(p))] for p in picks]
+    if how == "random":
+        rng = np.random.default_rng(seed)
+        return sorted(rng.choice(n, size=min(num, n), replace=False).tolist())
+    return sorted({int(round(x)) for x in np.linspace(0, n - 1, min(num, n))})
+
+
+# --------------------------------------------------------------------------- scores and masks
+
+
+def compute_views(model: torch.nn.Module, cfg: Any, source: CaptionSource, indices: list[int], *,
+                  tokenizer: Tokenizer, device: torch.device, seed: int,
+                  noisy: dict[int, dict[str, Any]] | None = None) -> list[CaptionView]:
+    """Scores, noise / informative masks and corrupted-word flags of the chosen captions (one batch)."""
+    transform = build_transforms(image_size_of(cfg), is_train=False)
+    rows = [source.get(i) for i in indices]
+    try:
+        images = torch.stack([transform(open_image(path)) for _, path, _ in rows]).to(device)
+    except ImageReadError as err:
+        raise ToolError(str(err)) from err
+    ids = tokenizer.tokenize([caption for caption, _, _ in rows], cfg.data.text_length).to(device)
+    with torch.no_grad():
+        image_feats = model.encode_image(images)
+    # GASS differentiates through the text tower, so no inference_mode here.
+    scores = model.token_scores(image_feats, ids).float().cpu()
+    ids = ids.cpu()
+    m = cfg.masking
+    generator = torch.Generator().manual_seed(seed)
+    noisy_ids = noise_mask(ids, scores, generator, max_prob=m.noise_max_prob, slope=m.noise_slope,
+                           center=m.noise_center, mask_ratio=m.mask_ratio, random_ratio=m.random_ratio,
+                           force_one=m.noise_force_one)
+    _, labels = informative_mask(ids, scores, generator, max_prob=m.mlm_max_prob, slope=m.mlm_slope,
+                                 center=m.mlm_center, mask_ratio=m.mask_ratio, random_ratio=m.random_ratio)
+    views = []
+    for row, (i, (caption, path, pid)) in enumerate(zip(indices, rows)):
+        entry = (noisy or {}).get(i)
+        bad = corrupted_positions(tokenizer, ids[row].tolist(), entry.get("clean"), entry.get("words", ())) \
+            if entry else set()
+        tokens = token_pieces(tokenizer, ids[row].tolist())
+        for t in tokens:
+            t.score = float(scores[row, t.position])
+            # The contrastive branch sees a different id exactly where noise masking replaced the token.
+            t.noise_masked = bool(noisy_ids[row, t.position] != ids[row, t.position])
+            t.mlm_selected = bool(labels[row, t.position] != 0)
+            t.corrupted = t.position in bad
+        views.append(CaptionView(index=i, pid=pid, image_path=path, caption=caption, tokens=tokens, noise=entry))
+    return views
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+@dataclass(frozen=True)
+class _Style:
+    font: Any
+    small: Any
+    bold: Any
+    line_h: int
+    pad: int = 3
+
+    @property
+    def box_h(self) -> int:
+        return self.line_h + 6
+
+    @property
+    def pitch(self) -> int:
+        # Room above each box for the corrupted-word dot and below for the MLM underline.
+        return self.box_h + 14
+
+
+def _flow(tokens: Sequence[TokenView], style: _Style, width: int) -> list[tuple[TokenView, int, int, int]]:
+    """(token, x, line, box width) for every token, wrapping at `width`.
+
+    Pieces of one word touch (padding only at the word's outer edges);
+    punctuation hugs the previous word and a hyphen joins its neighbours;
+    such a group wraps as a whole, so no line starts with a comma.
+    """
+    space = text_size(style.font, " ")[0] + 6
+    units: list[list[tuple[int, int]]] = []  # per unit: (token index, box width)
+    previous = ""
+    for word in group_words(tokens):
+        last = len(word) - 1
+        boxes = [(i, text_size(style.font, tokens[i].text)[0] + (style.pad if k == 0 else 1)
+                  + (style.pad if k == last else 1)) for k, i in enumerate(word)]
+        word_text = "".join(tokens[i].text for i in word)
+        if units and (not any(c.isalnum() for c in word_text) or previous in JOINERS):
+            units[-1].extend(boxes)
+        else:
+            units.append(boxes)
+        previous = word_text
+    placed = []
+    x, line = 0, 0
+    for unit in units:
+        start = x + space if x > 0 else 0
+        if start + sum(w for _, w in unit) > width and x > 0:
+            line, start = line + 1, 0
+        for i, w in unit:
+            placed.append((tokens[i], start, line, w))
+            start += w
+        x = start
+    return placed
+
+
+def _caption_height(view: CaptionView, style: _Style, text_w: int) -> int:
+    placed = _flow(view.tokens, style, text_w)
+    lines = (placed[-1][2] + 1) if placed else 1
+    height = style.line_h + 8 + lines * style.pitch
+    if view.noise and view.noise.get("clean"):
+        height += len(wrap_text("clean: " + view.noise["clean"], style.small, text_w)) * (style.line_h + 1) + 4
+    return height
+
+
+def render(views: list[CaptionView], *, width: int, thumb_height: int, image_size: tuple[int, int], title: str,
+           subtitle: str, show_noise_legend: bool) -> Image.Image:
+    """The figure: title, legend with the colour bar, then one row per caption."""
+    style = _Style(font=load_font(16), small=load_font(13), bold=load_font(17), line_h=text_size(load_font(16), "Hg")[1])
+    margin = 14
+    thumb_w = max(24, round(thumb_height * image_size[1] / image_size[0]))
+    text_x = margin + thumb_w + 18
+    text_w = width - text_x - margin
+    if text_w < 200:
+        raise ToolError(f"--width {width} is too small for thumbnails {thumb_w} px wide")
+    row_heights = [max(thumb_height, _caption_height(v, style, text_w)) + 18 for v in views]
+    subtitle_lines = wrap_text(subtitle, style.small, width - 2 * margin)
+    header_h = margin + style.line_h + 6 + len(subtitle_lines) * (style.line_h + 1) + 10 + 2 * style.pitch + 24
+    canvas = Image.new("RGB", (width, header_h + sum(row_heights) + margin), WHITE)
+    draw = ImageDraw.Draw(canvas)
+
+    y = margin
+    draw.text((margin, y), title, fill=BLACK, font=style.bold)
+    y += style.line_h + 6
+    for line in subtitle_lines:
+        draw.text((margin, y), line, fill=DARK_GREY, font=style.small)
+        y += style.line_h + 1
+    y += 10
+    draw_colour_bar(canvas, (margin, y, margin + 380, y + style.box_h - 4), style.small, "token score")
+    x = margin + 430
+    samples = [(TokenView(0, "word", True, 0.2, noise_masked=True), "replaced in the contrastive caption (noise mask)"),
+               (TokenView(0, "word", True, 0.8, mlm_selected=True), "selected for masked-token prediction (informative mask)")]
+    if show_noise_legend:
+        samples.append((TokenView(0, "word", True, 0.5, corrupted=True), "truly corrupted word (noise_report.json)"))
+    ly = y
+    for sample, label in samples:
+        w = text_size(style.font, sample.text)[0] + 2 * style.pad
+        _draw_token(draw, sample, x, ly + 6, w, style)
+        draw.text((x + w + 10, ly + 8), label, fill=BLACK, font=style.small)
+        ly += style.box_h + 6
+    y = header_h - 8
+    draw.line((margin, y, width - margin, y), fill=GREY)
+
+    for view, row_h in zip(views, row_heights):
+        top = y + 10
+        try:
+            thumb = fit_thumbnail(open_image(view.image_path), (thumb_w, thumb_height))
+        except ImageReadError:
+            thumb = Image.new("RGB", (thumb_w, thumb_height), LIGHT_GREY)
+        canvas.paste(thumb, (margin, top))
+        draw.rectangle((margin - 1, top - 1, margin + thumb_w, top + thumb_height), outline=GREY)
+        head = f"caption {view.index}   pid {view.pid}"
+        if view.noise:
+            head += f"   noisy caption: {view.noise.get('kind', '?')}"
+        draw.text((text_x, top), head, fill=DARK_GREY, font=style.small)
+        ty = top + style.line_h + 8
+        lines = 0
+        starts = {view.tokens[word[0]].position for word in group_words(view.tokens)}
+        for token, tx, line, w in _flow(view.tokens, style, text_w):
+            _draw_token(draw, token, text_x + tx, ty + line * style.pitch + 6, w, style, token.position in starts)
+            lines = max(lines, line + 1)
+        ty += lines * style.pitch
+        if view.noise and view.noise.get("clean"):
+            for line_text in wrap_text("clean: " + view.noise["clean"], style.small, text_w):
+                draw.text((text_x, ty + 2), line_text, fill=GREY, font=style.small)
+                ty += style.line_h + 1
+        y += row_h
+        draw.line((margin, y, width - margin, y), fill=LIGHT_GREY)
+    return canvas
+
+
+def _draw_token(draw: ImageDraw.ImageDraw, token: TokenView, x: int, y: int, w: int, style: _Style,
+                first_piece: bool = True) -> None:
+    background = score_colour(token.score)
+    box = (x, y, x + w - 1, y + style.box_h - 1)
+    draw.rectangle(box, fill=background)
+    if not first_piece:
+        # A faint tick separates the pieces of one word without breaking it apart.
+        draw.line((x, y + 3, x, y + style.box_h - 4), fill=GREY)
+    fg = text_colour_on(background)
+    draw.text((x + (style.pad if first_piece else 1), y + 2), token.text, fill=fg, font=style.font)
+    if token.noise_masked:
+        draw.rectangle(box, outline=DARK_GREY, width=2)
+        mid = y + style.box_h // 2 + 1
+        draw.line((x + 1, mid, x + w - 2, mid), fill=DARK_GREY if fg == BLACK else LIGHT_GREY, width=2)
+    if token.mlm_selected:
+        draw.line((x + 1, y + style.box_h + 2, x + w - 2, y + style.box_h + 2), fill=BLUE, width=3)
+    if token.corrupted:
+        cx = x + w // 2
+        draw.ellipse((cx - 3, y - 9, cx + 3, y - 3), fill=RED)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="retrieval checkpoint")
+    parser.add_argument("--config", default=None, help="config YAML (default: config.yaml next to the checkpoint)")
+    parser.add_argument("--dataset", required=True, help="dataset name, e.g. CUHK-PEDES or WebPerson")
+    parser.add_argument("--root", default=None, help="data root (default: data.root of the config)")
+    parser.add_argument("--annotation", default=None, help="WebPerson annotation file or shard folder")
+    parser.add_argument("--split", default="train", choices=["train", "val", "test"], help="captions from this split")
+    parser.add_argument("--num", type=int, default=8, help="number of captions")
+    parser.add_argument("--index", type=int, nargs="+", default=None, help="caption indices within the split")
+    parser.add_argument("--captions-from", default="spread", choices=SELECTIONS,
+                        help="spread: evenly over the split; random (--seed); noise_report: corrupted captions")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the mask generator (and of --captions-from random)")
+    parser.add_argument("--width", type=int, default=1200, help="figure width (px)")
+    parser.add_argument("--thumb-height", type=int, default=160, help="image thumbnail height (px)")
+    parser.add_argument("--out", required=True, help="output PNG")
+    parser.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. gass.normalize=sample")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> list[CaptionView]:
+    """Compute, print and draw as the parsed arguments say."""
+    cfg, model, device = load_run_model(args.checkpoint, args.config, args.overrides, trust=args.trust)
+    root = args.root or cfg.data.root
+    annotation = args.annotation or (cfg.data.annotation if cfg.data.name == args.dataset else None)
+    source = CaptionSource(open_dataset(args.dataset, root, annotation), args.split)
+    report = load_noise_report(root)
+    if args.captions_from == "noise_report" and report is None:
+        raise ToolError(f"--captions-from noise_report: no {NOISE_REPORT} in {root} or its parent folder")
+    noisy = match_noise_entries(report, args.dataset, source) if report else {}
+    indices = choose_indices(source, indices=args.index, how=args.captions_from, num=args.num, seed=args.seed,
+                             noisy=noisy)
+    views = compute_views(model, cfg, source, indices, tokenizer=Tokenizer(), device=device, seed=args.seed,
+                          noisy=noisy)
+    for view in views:
+        words = " ".join(f"{t.text}{'' if t.word_end else '~'}:{t.score:.2f}" for t in view.tokens)
+        note = f" [noisy: {view.noise.get('kind')}]" if view.noise else ""
+        print(f"caption {view.index} (pid {view.pid}){note}: {words}")
+    scoring = "CSS" if cfg.gass.scoring == "css" else "GASS"
+    title = f"{scoring} token scores: {args.dataset} {args.split} ({os.path.basename(args.checkpoint)})"
+    subtitle = (f"Scores of {len(views)} captions against their images, min-max normalised "
+                f"{'over all shown captions (batch, as in training)' if cfg.gass.normalize == 'batch' else 'per caption'};"
+                f" masks drawn once with seed {args.seed}: noise mask p = {cfg.masking.noise_max_prob} / "
+                f"(1 + exp(-{cfg.masking.noise_slope} ((1 - s) - {cfg.masking.noise_center}))), informative mask "
+                f"p = {cfg.masking.mlm_max_prob} / (1 + exp(-{cfg.masking.mlm_slope} (s - {cfg.masking.mlm_center})))."
+                " Pieces of one word touch; '~' in the printout marks a piece that continues the word.")
+    figure = render(views, width=args.width, thumb_height=args.thumb_height, image_size=image_size_of(cfg),
+                    title=title, subtitle=subtitle, show_noise_legend=bool(noisy))
+    print(f"saved {save_png(figure, args.out)}")
+    return views
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except ToolError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
