@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -30,7 +31,7 @@ from utils.metrics import format_table, rank_metrics_from_features
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Evaluator", "build_evaluator", "append_metrics"]
+__all__ = ["Evaluator", "build_evaluator", "append_metrics", "read_metrics", "is_number"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -158,3 +159,32 @@ def append_metrics(run_dir: str | os.PathLike, record: Mapping[str, Any]) -> Non
         f.flush()
         os.fsync(f.fileno())
 
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSON records of a `metrics.jsonl` file (blank lines skipped).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a line is not a JSON object (names the file and line).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found (a run directory holds metrics.jsonl once an epoch has finished)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): what a metric value must be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

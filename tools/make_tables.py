@@ -19,8 +19,6 @@ Missing benchmarks show "–". Paper rows carry "paper" in the source column.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -31,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import yaml  # noqa: E402
 from prettytable import PrettyTable  # noqa: E402
+
+from processor.evaluate import is_number, read_metrics  # noqa: E402
 
 BENCHMARKS = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid")
 FINETUNE_METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -80,26 +80,11 @@ class RunResult:
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
-    """JSON objects of a metrics.jsonl file; a bad line is an error naming file and line."""
-    if not os.path.isfile(path):
-        raise ToolError(f"{path} not found")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ToolError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise ToolError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """The records of a metrics.jsonl file; problems become ToolErrors naming the file and line."""
+    try:
+        return read_metrics(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ToolError(str(err)) from err
 
 
 def select_test_metrics(records: list[dict[str, Any]], dataset: str) -> Selected | None:
@@ -108,7 +93,7 @@ def select_test_metrics(records: list[dict[str, Any]], dataset: str) -> Selected
     selection = None
     for r in records:
         if (r.get("type") == "eval" and r.get("dataset") == dataset and r.get("task", "t2i") == "t2i"
-                and _number(r.get("epoch")) and _number(r.get("R1"))):
+                and is_number(r.get("epoch")) and is_number(r.get("R1"))):
             evals[(int(r["epoch"]), str(r.get("split")))] = r  # a resumed run's re-logged epoch replaces the first
             selection = r.get("selection_split") or selection
     if evals:
@@ -127,7 +112,7 @@ def select_test_metrics(records: list[dict[str, Any]], dataset: str) -> Selected
             last = max(tests)
             return Selected(_metrics(tests[last]), f"test at the last epoch {last} (no {select} records to select on)")
     finals = [r for r in records if r.get("type") == "test" and r.get("dataset") == dataset
-              and r.get("split", "test") == "test" and r.get("task", "t2i") == "t2i" and _number(r.get("R1"))]
+              and r.get("split", "test") == "test" and r.get("task", "t2i") == "t2i" and is_number(r.get("R1"))]
     if finals:
         checkpoint = os.path.basename(str(finals[-1].get("checkpoint", "?")))
         return Selected(_metrics(finals[-1]), f"tools/test.py record ({checkpoint})")
@@ -135,7 +120,7 @@ def select_test_metrics(records: list[dict[str, Any]], dataset: str) -> Selected
 
 
 def _metrics(record: dict[str, Any]) -> dict[str, float]:
-    return {k: float(record[k]) for k in FINETUNE_METRICS if _number(record.get(k))}
+    return {k: float(record[k]) for k in FINETUNE_METRICS if is_number(record.get(k))}
 
 
 def run_task(run_dir: str, override: str) -> str:

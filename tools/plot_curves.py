@@ -13,8 +13,6 @@ without evaluation records gets an empty R1 panel saying so.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -24,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from PIL import Image  # noqa: E402
 
+from processor.evaluate import is_number, read_metrics  # noqa: E402
 from utils.visualize import SERIES_COLOURS, WHITE, Series, draw_line_chart, load_font, save_png  # noqa: E402
 
 #: Smallest figure whose three panels still fit their labels (width, height).
@@ -36,31 +35,12 @@ class ToolError(Exception):
     """A user-facing problem; printed as `error: ...`."""
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    """The JSON records of a metrics.jsonl file (blank lines skipped).
-
-    Raises:
-        ToolError: the file is missing or a line is not a JSON object (names the line).
-    """
-    if not os.path.isfile(path):
-        raise ToolError(f"{path} not found (a run directory holds metrics.jsonl once an epoch has finished)")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ToolError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise ToolError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def read_records(path: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file; problems become ToolErrors naming the file and line."""
+    try:
+        return read_metrics(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ToolError(str(err)) from err
 
 
 def collect_curves(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, float]]]:
@@ -68,16 +48,16 @@ def collect_curves(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[in
     curves: dict[str, dict[str, dict[int, float]]] = {"loss": {}, "R1": {}, "lr": {}}
     for record in records:
         epoch = record.get("epoch")
-        if not _finite(epoch):
+        if not is_number(epoch):
             continue
         epoch = int(epoch)
         if record.get("type") == "train":
             for key, value in record.items():
-                if (key == "loss" or key.endswith("_loss")) and _finite(value):
+                if (key == "loss" or key.endswith("_loss")) and is_number(value):
                     curves["loss"].setdefault(key, {})[epoch] = float(value)
-            if _finite(record.get("lr")):
+            if is_number(record.get("lr")):
                 curves["lr"].setdefault("lr", {})[epoch] = float(record["lr"])
-        elif record.get("type") == "eval" and record.get("task", "t2i") == "t2i" and _finite(record.get("R1")):
+        elif record.get("type") == "eval" and record.get("task", "t2i") == "t2i" and is_number(record.get("R1")):
             name = f"{record.get('dataset', '?')} {record.get('split', '?')}"
             curves["R1"].setdefault(name, {})[epoch] = float(record["R1"])
     # The total first, then the terms alphabetically, so colours are stable across runs.
@@ -144,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isdir(args.run):
             raise ToolError(f"run directory {args.run} not found")
         size = parse_size(args.size)
-        curves = collect_curves(read_metrics(os.path.join(args.run, "metrics.jsonl")))
+        curves = collect_curves(read_records(os.path.join(args.run, "metrics.jsonl")))
     except ToolError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
