@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from datasets import build_dataset
 from datasets.build import build_train_loader, set_loader_epoch
+from datasets.masking import FIRST_ORDINARY_ID, LAST_ORDINARY_ID
 from datasets.score_cache import ScoreCache
 from model import build_model
 from model.tokenizer import Tokenizer
@@ -67,6 +68,22 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     if device.type != "cuda" or dtype is None:
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=dtype)
+
+
+def mask_rates(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Share of eligible caption tokens selected by each mask (for the logs).
+
+    MLM: tokens with a label. Noise: tokens whose id changed (the 10% of selected
+    tokens that are kept as they were cannot be seen, so this is ~0.9 x the rate).
+    """
+    ids = batch["caption_ids"]
+    eligible = ((ids >= FIRST_ORDINARY_ID) & (ids <= LAST_ORDINARY_ID)).sum().clamp(min=1)
+    rates = {}
+    if "noise_ids" in batch:
+        rates["noise_mask_rate"] = (batch["noise_ids"] != ids).sum() / eligible
+    if "mlm_labels" in batch:
+        rates["mlm_mask_rate"] = (batch["mlm_labels"] != 0).sum() / eligible
+    return rates
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -306,6 +323,7 @@ class Trainer:
         self.task.after_step(self, batch, out)
         out = {k: v.detach() for k, v in out.items()}
         out["loss"] = loss.detach()
+        out.update(mask_rates(batch))
         return out
 
     def _all_finite(self, loss: torch.Tensor) -> bool:

@@ -177,3 +177,17 @@ def test_two_process_ddp_step_equals_one_process_on_concatenated_batch(synthetic
     for run in (one, two):
         record = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "train"][0]
         assert record["step"] == 1 and record["lr"] == 1.0 and record["sdm_loss"] > 0
+
+
+def test_mask_rates_count_eligible_tokens():
+    from processor.engine import mask_rates
+
+    ids = torch.tensor([[49406, 10, 11, 12, 13, 49407, 0, 0]])
+    noise = ids.clone()
+    noise[0, 2] = 49405
+    labels = torch.zeros_like(ids)
+    labels[0, 1] = 10
+    labels[0, 3] = 12
+    rates = mask_rates({"caption_ids": ids, "noise_ids": noise, "mlm_labels": labels})
+    assert rates["noise_mask_rate"].item() == pytest.approx(1 / 4)
+    assert rates["mlm_mask_rate"].item() == pytest.approx(2 / 4)
