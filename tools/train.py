@@ -47,15 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown task {cfg.task!r}; valid: {', '.join(TASKS)}", file=sys.stderr)
         return 2
     trainer = Trainer(cfg, TASKS[cfg.task]())
+    main_process = comm.is_main_process()  # before cleanup, which makes every process "rank 0"
     try:
         best = trainer.train()
     finally:
         comm.cleanup()
-    if comm.is_main_process() and best:
-        rows = {f"{name} ({b['split']}, epoch {b['epoch']})": b for name, b in best.items()}
-        rows.update({f"{name} test @ best": b["test"] for name, b in best.items() if "test" in b})
-        print(format_table(rows))
-    print(f"run directory: {trainer.run_dir}")
+    if main_process:
+        if best:
+            rows = {f"{name} ({b['split']}, epoch {b['epoch']})": b for name, b in best.items()}
+            rows.update({f"{name} test @ best": b["test"] for name, b in best.items() if "test" in b})
+            print(format_table(rows))
+        print(f"run directory: {trainer.run_dir}")
     return 0
 
 
