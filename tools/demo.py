@@ -75,7 +75,10 @@ def ensure_data(root: Path, config: SyntheticConfig) -> None:
     print(f"[1/6] synthetic data: generating into {root} ...", flush=True)
     start = time.time()
     counts = generate(root, config, workers=2, overwrite=True)
-    print(f"      {counts.get('benchmark', counts)} / {counts.get('webperson', '')} in {time.time() - start:.0f}s")
+    bench, web = counts["benchmark"], counts["webperson"]
+    print(f"      benchmark: {sum(s['ids'] for s in bench.values())} identities, "
+          f"{sum(s['images'] for s in bench.values())} images (train/val/test); WebPerson: {web['images']} images, "
+          f"{web['noisy_captions']} of {web['captions']} captions noisy; {time.time() - start:.0f}s")
 
 
 def random_baseline(cfg, device: torch.device) -> dict[str, float]:
