@@ -46,7 +46,7 @@ METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
 SIZES = {
     # name: synthetic data sizes, (pretrain epochs, fine-tune epochs)
-    "full": (dict(identities=100, images_per_id=4, val_ids=25, test_ids=25, webperson_images=600), (5, 4)),
+    "full": (dict(identities=100, images_per_id=4, val_ids=25, test_ids=25, webperson_images=600), (4, 3)),
     "small": (dict(identities=24, images_per_id=3, val_ids=8, test_ids=8, webperson_images=96), (2, 2)),
 }
 
