@@ -7,10 +7,14 @@ Grad-ECLIP convention); the gradient of the matched-pair cosine similarity with
 respect to each layer's attention output, its values, a smoothed query/key
 cosine and the EOT attention row are combined into a per-token importance.
 
-Differences from the reference implementation, both exact in value:
+Differences from the reference implementation, all exact in value:
 * one `torch.autograd.grad` call yields the gradients of all scored layers (the
   reference calls autograd once per layer, re-traversing the later layers each
   time; `single_backward=False` reproduces that, for benchmarks and tests);
+* only the EOT row of each layer is differentiated: the full-sequence re-run
+  is a no-grad forward, and the gradient pass re-computes the EOT rows with the
+  earlier positions' keys and values as constants (under the causal mask nothing
+  else reaches the target), so the backward costs B rows, not B x L positions;
 * the computation is detached from the training graph: no parameter `.grad` is
   touched and the main backward is unaffected.
 """
@@ -155,7 +159,55 @@ def gass_scores(
 
 def _scored_layers(clip: CLIP, image_feats: Tensor, ids: Tensor, num_layers: int,
                    single_backward: bool) -> tuple[list[dict], Sequence[Tensor]]:
-    """Single-head re-run of the last layers and d(sum_b S_bb)/d(o_l) for each of them."""
+    """Single-head re-run of the last layers and d(sum_b S_bb)/d(o_l[e_b]) for each of them."""
+    if not single_backward:
+        return _scored_layers_per_layer(clip, image_feats, ids, num_layers)
+    blocks = clip.transformer.resblocks
+    batch, length = ids.shape
+    rows = torch.arange(batch, device=ids.device)
+    eot = ids.argmax(dim=-1)
+    first = len(blocks) - num_layers
+    saved: list[dict] = []
+    with torch.no_grad():
+        x = clip.text_layers_forward(clip.embed_text(ids).float(), 0, first)
+        start = x[rows, eot]
+        for block in blocks[first:]:
+            q, k, v = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
+            o = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), is_causal=True)
+            x = x + block.attn.out_proj(o.squeeze(1))
+            x = x + block.mlp(block.ln_2(x))
+            saved.append({"q": q, "k": k, "v": v})
+    # Only the EOT rows need gradients. The target reads the last layer at e_b,
+    # and under the causal mask o_l[e_b] reaches it only through the later
+    # layers' rows at e_b, where positions < e_b enter as constant keys and
+    # values. So the backward runs over B rows instead of B x L positions.
+    later = torch.arange(length, device=ids.device).unsqueeze(0) > eot.unsqueeze(1)       # [B, L]
+    at_eot = F.one_hot(eot, length).bool().unsqueeze(-1)                                     # [B, L, 1]
+    with torch.enable_grad():
+        x_row = start
+        outputs = []
+        for block, pieces in zip(blocks[first:], saved, strict=True):
+            q_row, k_row, v_row = F.linear(block.ln_1(x_row), block.attn.in_proj_weight,
+                                           block.attn.in_proj_bias).chunk(3, dim=-1)
+            keys = torch.where(at_eot, k_row.unsqueeze(1), pieces["k"])
+            values = torch.where(at_eot, v_row.unsqueeze(1), pieces["v"])
+            logits = torch.einsum("bd,bjd->bj", q_row, keys) / math.sqrt(q_row.shape[-1])
+            attn = logits.masked_fill(later, float("-inf")).softmax(dim=-1)
+            o_row = torch.einsum("bj,bjd->bd", attn, values)
+            pieces["attn_row"] = attn.detach()
+            outputs.append(o_row)
+            x_row = x_row + block.attn.out_proj(o_row)
+            x_row = x_row + block.mlp(block.ln_2(x_row))
+        text = F.normalize(clip.project_text(x_row).float(), dim=-1)
+        image = F.normalize(image_feats, dim=-1)
+        target = (text * image).sum()  # trace of S = V U^T: each sample's own pair
+        grads = torch.autograd.grad(target, outputs)
+    return saved, grads
+
+
+def _scored_layers_per_layer(clip: CLIP, image_feats: Tensor, ids: Tensor,
+                             num_layers: int) -> tuple[list[dict], Sequence[Tensor]]:
+    """The reference way: full-sequence graph, one autograd call per scored layer."""
     blocks = clip.transformer.resblocks
     batch, length = ids.shape
     rows = torch.arange(batch, device=ids.device)
@@ -171,12 +223,10 @@ def _scored_layers(clip: CLIP, image_feats: Tensor, ids: Tensor, num_layers: int
             saved.append(pieces)
         text = F.normalize(clip.project_text(x)[rows, eot].float(), dim=-1)
         image = F.normalize(image_feats, dim=-1)
-        target = (text * image).sum()  # trace of S = V U^T: each sample's own pair
-        outputs = [p["o"] for p in saved]
-        if single_backward:
-            grads = torch.autograd.grad(target, outputs)
-        else:
-            grads = [torch.autograd.grad(target, o, retain_graph=True)[0] for o in outputs]
+        target = (text * image).sum()
+        grads = [torch.autograd.grad(target, p["o"], retain_graph=True)[0][rows, eot] for p in saved]
+    for pieces in saved:
+        pieces["attn_row"] = pieces.pop("attn")[rows, eot]
     return saved, grads
 
 
@@ -189,13 +239,13 @@ def _combine(saved: list[dict], grads: Sequence[Tensor], ids: Tensor, scales: Se
     valid = valid_token_mask(ids).float()
     total = torch.zeros(batch, length, device=ids.device)
     for pieces, grad in zip(saved, grads, strict=False):
-        g = grad[rows, eot]                                              # [B, D]
+        g = grad                                                         # [B, D] at e_b
         q = multiscale_smooth(pieces["q"], scales)
         k = multiscale_smooth(pieces["k"], scales)
         cos = F.cosine_similarity(q[rows, eot].unsqueeze(1), k, dim=-1)  # [B, L]
         cos = minmax_normalize(cos, "sample")
         raw = torch.einsum("bd,bjd->bj", g, pieces["v"]) * cos           # r_lbj
-        row = pieces["attn"][rows, eot] * valid                          # A_l[b, e_b, j] m_bj
+        row = pieces["attn_row"] * valid                                 # A_l[b, e_b, j] m_bj
         if attn_norm == "importance":
             modulation = row / (raw.sum(dim=-1, keepdim=True) + 1e-8)
         else:
