@@ -167,6 +167,7 @@ class Trainer:
         self.best: dict[str, dict[str, Any]] = {}
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.stopped = False  # set when a SIGTERM/SIGINT ended train() early (callers must not go on)
         self._resume()
 
     # ----------------------------------------------------------------- setup
@@ -234,7 +235,8 @@ class Trainer:
         """Run the remaining epochs (or those before `until_epoch`); returns the best metrics per set.
 
         A SIGTERM/SIGINT finishes the current step, saves `last` (with the
-        position in the epoch) and returns; `train.resume=auto` continues from it.
+        position in the epoch), sets `self.stopped` and returns;
+        `train.resume=auto` continues from it.
         """
         cfg = self.cfg
         end = cfg.solver.epochs if until_epoch is None else min(until_epoch, cfg.solver.epochs)
@@ -246,6 +248,7 @@ class Trainer:
                 skip, self.skip_batches = self.skip_batches, 0
                 done = self.train_one_epoch(epoch, stop, skip)
                 if stop.requested:
+                    self.stopped = True
                     self.save("last", epoch, extra={"batches_done": done})
                     logger.warning("stop requested: saved %s after %d batches of epoch %d; exiting",
                                    os.path.join(self.run_dir, "last.pth"), done, epoch)

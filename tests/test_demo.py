@@ -21,6 +21,5 @@ def test_small_demo_runs_end_to_end(tmp_path, capsys):
     for run in ("pretrain", "finetune"):
         assert (out / run / "last.pth").exists() and (out / run / "metrics.jsonl").exists()
     # A second run reuses the generated data instead of regenerating it.
-    sizes, _ = demo.SIZES["small"]
-    demo.ensure_data(data, demo.SyntheticConfig(**sizes, seed=0))
+    demo.ensure_data(data, demo.SyntheticConfig(**demo.SIZES["small"].data, seed=0))
     assert "reusing" in capsys.readouterr().out

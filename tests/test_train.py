@@ -113,11 +113,11 @@ class SigtermAt(PretrainTask):
 def test_sigterm_mid_epoch_saves_last_and_resume_equals_uninterrupted(synthetic_root, straight_run, tmp_path):
     overrides = small(synthetic_root, tmp_path, "solver.epochs=2", "train.max_steps=3", "eval.period=0")
     stopped = run_trainer(overrides, task=SigtermAt(step=4))  # epoch 1, after its first batch
-    assert stopped.global_step == 4
+    assert stopped.global_step == 4 and stopped.stopped
     ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["extra"]["batches_done"] == 1
     resumed = run_trainer(overrides)
-    assert resumed.global_step == 6
+    assert resumed.global_step == 6 and not resumed.stopped
     assert_same_run(straight_run, tmp_path)
 
 

@@ -135,6 +135,11 @@ def noise_auc(model: torch.nn.Module, cfg: Any, root: str, *, batch_size: int = 
 # --------------------------------------------------------------------------- runs
 
 
+class Interrupted(Exception):
+    """Training stopped on SIGTERM/SIGINT (its `last` checkpoint is saved)."""
+
+
+
 def run_variant(args: argparse.Namespace, name: str, seed: int) -> dict[str, float]:
     """Train (or resume, or reuse) one run; returns its test metrics at the best val epoch and noise AUC."""
     run_dir = Path(args.out) / name / f"seed{seed}"
@@ -147,6 +152,8 @@ def run_variant(args: argparse.Namespace, name: str, seed: int) -> dict[str, flo
     cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg, PretrainTask())
     best = trainer.train()
+    if trainer.stopped:
+        raise Interrupted(f"{run_dir}: stopped by a signal; run the same command again to resume")
     entry = best.get(BENCHMARK) or {}
     test = entry.get("test")
     if not test:
@@ -199,6 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ToolError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return 1
     table = markdown_table(results, args.seeds)
     print(table, end="")
     if args.table:

@@ -22,6 +22,7 @@ import logging
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,10 +45,21 @@ PRETRAIN = REPO / "configs" / "demo" / "tiny_pretrain.yaml"
 FINETUNE = REPO / "configs" / "demo" / "tiny_finetune.yaml"
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
+
+@dataclass(frozen=True)
+class DemoSize:
+    """Synthetic data sizes, epochs of both stages and config overrides of one demo size."""
+
+    data: dict
+    pretrain_epochs: int
+    finetune_epochs: int
+    overrides: tuple[str, ...] = ()
+
+
 SIZES = {
-    # name: synthetic data sizes, (pretrain epochs, fine-tune epochs)
-    "full": (dict(identities=100, images_per_id=4, val_ids=25, test_ids=25, webperson_images=600), (4, 3)),
-    "small": (dict(identities=24, images_per_id=3, val_ids=8, test_ids=8, webperson_images=96), (2, 2)),
+    "full": DemoSize(dict(identities=100, images_per_id=4, val_ids=25, test_ids=25, webperson_images=600), 4, 5),
+    "small": DemoSize(dict(identities=24, images_per_id=3, val_ids=8, test_ids=8, webperson_images=96), 2, 8,
+                      ("data.batch_size=16",)),
 }
 
 
@@ -129,15 +141,16 @@ def draw_figures(out: Path, data: Path, pretrain_dir: Path, finetune_dir: Path) 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sizes, (pre_epochs, fine_epochs) = SIZES["small" if args.small else "full"]
+    size = SIZES["small" if args.small else "full"]
+    pre_epochs, fine_epochs = size.pretrain_epochs, size.finetune_epochs
     out, data = Path(args.out), Path(args.data)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     start = time.time()
-    ensure_data(data, SyntheticConfig(**sizes, seed=args.seed))
+    ensure_data(data, SyntheticConfig(**size.data, seed=args.seed))
 
-    common = [f"data.root={data}", "eval.root=", "train.resume="]
+    common = [f"data.root={data}", "eval.root=", "train.resume=", *size.overrides]
     pre_cfg = load_config(PRETRAIN, common + [f"output_dir={out / 'pretrain'}", f"solver.epochs={pre_epochs}"])
     setup_logging(None, level=logging.WARNING)
     device = torch.device("cpu")
@@ -148,13 +161,20 @@ def main(argv: list[str] | None = None) -> int:
           f"(log: {out / 'pretrain' / 'train.log'}) ...", flush=True)
     pre = Trainer(pre_cfg, PretrainTask())
     pre_best = pre.train()
+    if pre.stopped:
+        print("interrupted during pretraining", file=sys.stderr)
+        return 1
     print(f"      done at {time.time() - start:.0f}s; direct transfer R1 {best_test(pre_best).get('R1', 0):.2f}")
 
     fine_cfg = load_config(FINETUNE, common + [f"output_dir={out / 'finetune'}", f"solver.epochs={fine_epochs}",
                                                f"model.finetune={out / 'pretrain' / 'last.pth'}"])
     print(f"[4/6] fine-tuning (IRRA recipe) on the synthetic benchmark: {fine_epochs} epochs "
           f"(log: {out / 'finetune' / 'train.log'}) ...", flush=True)
-    fine_best = Trainer(fine_cfg, FinetuneTask()).train()
+    fine = Trainer(fine_cfg, FinetuneTask())
+    fine_best = fine.train()
+    if fine.stopped:
+        print("interrupted during fine-tuning", file=sys.stderr)
+        return 1
 
     print("[5/6] results on the synthetic CUHK-PEDES-format test split (text -> image):")
     rows = {"random init (chance)": chance,
