@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -91,3 +93,24 @@ def test_ablation_end_to_end_and_rerun_reuses_runs(synthetic_root, tmp_path, cap
     assert ablate.main(argv) == 0   # everything is reused: no training, same table
     assert (out / "sdm" / "seed0" / "metrics.jsonl").read_text() == before
     assert table.read_text().splitlines() == lines
+
+
+def test_interrupted_run_is_not_recorded_and_rerun_resumes(synthetic_root, tmp_path, monkeypatch, capsys):
+    class SigtermAtStep3(ablate.PretrainTask):
+        def after_step(self, trainer, batch, out):
+            super().after_step(trainer, batch, out)
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "abl"
+    argv = ["--variants", "sdm", "--seeds", "0", "--epochs", "2", "--data", str(synthetic_root), "--out", str(out),
+            "data.batch_size=16", "solver.warmup_epochs=1", "train.max_steps=2", "log_period=100"]
+    monkeypatch.setattr(ablate, "PretrainTask", SigtermAtStep3)
+    assert ablate.main(argv) == 1
+    assert "interrupted" in capsys.readouterr().err
+    run = out / "sdm" / "seed0"
+    assert (run / "last.pth").exists() and not (run / "ablation.json").exists()
+    monkeypatch.setattr(ablate, "PretrainTask", SigtermAtStep3.__mro__[1])
+    assert ablate.main(argv) == 0
+    assert "resumed from" in (run / "train.log").read_text()
+    assert json.loads((run / "ablation.json").read_text())["best_epoch"] in (0, 1)
