@@ -44,7 +44,7 @@ from model.gass import valid_token_mask  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from processor.engine import Trainer  # noqa: E402
 from processor.pretrain import PretrainTask  # noqa: E402
-from tools.search import ToolError  # noqa: E402
+from tools.common import ToolError  # noqa: E402
 from tools.visualize_gass import CaptionSource, corrupted_positions, load_noise_report, match_noise_entries  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import yaml  # noqa: E402
 from prettytable import PrettyTable  # noqa: E402
 
-from processor.evaluate import is_number, read_metrics  # noqa: E402
+from processor.evaluate import is_number  # noqa: E402
+from tools.common import ToolError, read_records  # noqa: E402
 
 BENCHMARKS = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid")
 FINETUNE_METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -58,10 +59,6 @@ PAPER_TRANSFER: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 
-class ToolError(Exception):
-    """A user-facing problem; printed as `error: ...`."""
-
-
 @dataclass
 class Selected:
     """The test metrics reported for one benchmark of one run, and where they came from."""
@@ -77,14 +74,6 @@ class RunResult:
     name: str
     task: str
     results: dict[str, Selected] = field(default_factory=dict)
-
-
-def read_records(path: str) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file; problems become ToolErrors naming the file and line."""
-    try:
-        return read_metrics(path)
-    except (FileNotFoundError, ValueError) as err:
-        raise ToolError(str(err)) from err
 
 
 def select_test_metrics(records: list[dict[str, Any]], dataset: str) -> Selected | None:

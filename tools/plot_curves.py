@@ -22,25 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from PIL import Image  # noqa: E402
 
-from processor.evaluate import is_number, read_metrics  # noqa: E402
+from processor.evaluate import is_number  # noqa: E402
+from tools.common import ToolError, read_records  # noqa: E402
 from utils.visualize import SERIES_COLOURS, WHITE, Series, draw_line_chart, load_font, save_png  # noqa: E402
 
 #: Smallest figure whose three panels still fit their labels (width, height).
 MIN_SIZE = (500, 700)
 #: The learning-rate panel is at least this tall (px); the other two share the rest.
 LR_PANEL_MIN = 170
-
-
-class ToolError(Exception):
-    """A user-facing problem; printed as `error: ...`."""
-
-
-def read_records(path: str) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file; problems become ToolErrors naming the file and line."""
-    try:
-        return read_metrics(path)
-    except (FileNotFoundError, ValueError) as err:
-        raise ToolError(str(err)) from err
 
 
 def collect_curves(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, float]]]:

@@ -41,16 +41,13 @@ from datasets.build import ImageDataset  # noqa: E402
 from datasets.transforms import build_transforms  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from processor.engine import resolve_device  # noqa: E402
+from tools.common import ToolError, run_tool  # noqa: E402
 from tools.test import load_for_evaluation  # noqa: E402
 from utils.config import Config, ConfigError, load_config  # noqa: E402
 from utils.visualize import BLACK, GREY, WHITE, fit_thumbnail, load_font, save_png, text_size, wrap_text  # noqa: E402
 
 CACHE_VERSION = 1
 SPLITS = ("test", "val", "train")
-
-
-class ToolError(Exception):
-    """A user-facing problem (bad argument, missing file); printed as `error: ...`."""
 
 
 # --------------------------------------------------------------------------- loading (shared by the tools)
@@ -351,13 +348,7 @@ def run(args: argparse.Namespace) -> list[list[Hit]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except ToolError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool(run, parse_args, argv)
 
 
 if __name__ == "__main__":

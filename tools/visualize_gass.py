@@ -43,7 +43,8 @@ from datasets.bases import ImageReadError, open_image  # noqa: E402
 from datasets.masking import informative_mask, noise_mask  # noqa: E402
 from datasets.transforms import build_transforms  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
-from tools.search import ToolError, image_size_of, load_run_model, open_dataset  # noqa: E402
+from tools.common import ToolError, run_tool  # noqa: E402
+from tools.search import image_size_of, load_run_model, open_dataset  # noqa: E402
 from utils.visualize import (  # noqa: E402
     BLACK,
     BLUE,
@@ -514,13 +515,7 @@ def run(args: argparse.Namespace) -> list[CaptionView]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except ToolError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 from datasets.bases import EvalSplit, ImageReadError, open_image  # noqa: E402
 from processor.evaluate import build_evaluator  # noqa: E402
-from tools.search import ToolError, image_size_of, load_run_model  # noqa: E402
+from tools.common import ToolError, run_tool  # noqa: E402
+from tools.search import image_size_of, load_run_model  # noqa: E402
 from utils.visualize import (  # noqa: E402
     BLACK,
     GREEN,
@@ -246,13 +247,7 @@ def run(args: argparse.Namespace) -> list[QueryResult]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except ToolError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool(run, parse_args, argv)
 
 
 if __name__ == "__main__":
