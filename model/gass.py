@@ -133,8 +133,9 @@ def gass_scores(
         attn_norm: "importance" divides the EOT attention row by the sum of the raw
             importances (released code); "attention" by the row's own masked sum (paper).
         normalize: "batch" min-max over the whole batch tensor (released code) or "sample".
-        single_backward: One autograd call for all layers (default); False re-traverses
-            the graph once per layer, as the reference does.
+        single_backward: One autograd call over the EOT rows for all layers (default);
+            False builds the full-sequence graph and re-traverses it once per layer,
+            as the reference does (same values; for benchmarks and tests).
 
     Returns:
         Scores [B, L], float32, no gradient.
