@@ -75,14 +75,18 @@ def export(checkpoint: Path, out: Path, *, write_safetensors: bool = False, trus
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path, help="training checkpoint, e.g. RUN/last.pth")
     parser.add_argument("--out", required=True, type=Path, help="release file to write, e.g. release.pth")
     parser.add_argument("--safetensors", action="store_true", help="also write <out stem>.safetensors")
     parser.add_argument("--trust", action="store_true",
                         help="allow checkpoints that need full unpickling (only for files you trust)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         export(args.checkpoint, args.out, write_safetensors=args.safetensors, trust=args.trust)
     except (FileNotFoundError, RuntimeError, ValueError) as err:
