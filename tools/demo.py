@@ -57,7 +57,7 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(dict(identities=100, images_per_id=4, val_ids=25, test_ids=25, webperson_images=600), 4, 5),
+    "full": DemoSize(dict(identities=100, images_per_id=4, val_ids=25, test_ids=25, webperson_images=600), 6, 3),
     "small": DemoSize(dict(identities=24, images_per_id=3, val_ids=8, test_ids=8, webperson_images=96), 2, 8,
                       ("data.batch_size=16",)),
 }
