@@ -51,6 +51,9 @@ def test_noise_auc_orders_clean_above_corrupted(synthetic_root):
     cfg = load_config(PRETRAIN, ["data.annotation=shards"])
     oracle, count = ablate.noise_auc(FixedScores(cfg, synthetic_root, 0.0), cfg, str(synthetic_root), batch_size=8)
     assert oracle == 1.0 and count > 5
+    by_kind = ablate.noise_auc_by_kind(FixedScores(cfg, synthetic_root, 0.0), cfg, str(synthetic_root))
+    assert set(by_kind) == set(ablate.NOISE_KINDS) and sum(map(len, by_kind.values())) == count
+    assert all(a == 1.0 for values in by_kind.values() for a in values)
     assert ablate.noise_auc(FixedScores(cfg, synthetic_root, 2.0), cfg, str(synthetic_root))[0] == 0.0
     assert ablate.noise_auc(FixedScores(cfg, synthetic_root, 1.0), cfg, str(synthetic_root))[0] == 0.5
     torch.manual_seed(0)
@@ -68,7 +71,7 @@ def test_markdown_table_mean_and_std():
     runs = [{"R1": 10.0, "R5": 20.0, "R10": 30.0, "mAP": 12.0, "mINP": 5.0, "noise_auc": 0.6},
             {"R1": 14.0, "R5": 20.0, "R10": 30.0, "mAP": 16.0, "mINP": 7.0, "noise_auc": 0.7}]
     table = ablate.markdown_table({"sdm": runs, "gadms": runs[:1]}, [0, 1])
-    assert "| SDM | 12.0 ± 2.8 | 20.0 ± 0.0 | 30.0 ± 0.0 | 14.0 ± 2.8 | 6.0 ± 1.4 | 0.650 ± 0.071 |" in table
+    assert "| SDM | 12.0 ± 2.8 | 20.0 ± 0.0 | 30.0 ± 0.0 | 14.0 ± 2.8 | 6.0 ± 1.4 | 0.650 ± 0.071 | – | – |" in table
     assert "| SDM + GASS noise masking + informative MTP (GA-DMS) | 10.0 | 20.0 |" in table
 
 
@@ -93,6 +96,16 @@ def test_ablation_end_to_end_and_rerun_reuses_runs(synthetic_root, tmp_path, cap
     assert ablate.main(argv) == 0   # everything is reused: no training, same table
     assert (out / "sdm" / "seed0" / "metrics.jsonl").read_text() == before
     assert table.read_text().splitlines() == lines
+    # A result recorded without the per-kind AUCs gets them from the run's final weights,
+    # which are the weights scored at the end of training: the same numbers.
+    path = out / "sdm" / "seed0" / "ablation.json"
+    full = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in full.items() if not k.startswith("noise_auc_")}))
+    assert ablate.main(argv) == 0
+    again = json.loads(path.read_text())
+    for kind in ablate.NOISE_KINDS:
+        assert again[f"noise_auc_{kind}"] == pytest.approx(full[f"noise_auc_{kind}"], abs=1e-6)
+    assert (out / "sdm" / "seed0" / "metrics.jsonl").read_text() == before
 
 
 def test_interrupted_run_is_not_recorded_and_rerun_resumes(synthetic_root, tmp_path, monkeypatch, capsys):

@@ -40,8 +40,10 @@ from datasets import build_dataset  # noqa: E402
 from datasets.bases import open_image  # noqa: E402
 from datasets.synthetic import SyntheticConfig, generate  # noqa: E402
 from datasets.transforms import build_transforms  # noqa: E402
+from model import build_model  # noqa: E402
 from model.gass import valid_token_mask  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
+from model.weights import load_model_weights, read_checkpoint, unwrap_state_dict  # noqa: E402
 from processor.engine import Trainer  # noqa: E402
 from processor.pretrain import PretrainTask  # noqa: E402
 from tools.common import ToolError  # noqa: E402
@@ -51,6 +53,8 @@ from utils.logger import setup_logging  # noqa: E402
 
 CONFIG = REPO / "configs" / "demo" / "tiny_pretrain.yaml"
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+#: Corruption kinds of the synthetic generator's noise report.
+NOISE_KINDS = ("wrong_attr", "irrelevant")
 BENCHMARK = "CUHK-PEDES"
 
 #: name -> (label, config overrides). Masking without GASS would read the constant initial scores.
@@ -93,6 +97,14 @@ def noise_auc(model: torch.nn.Module, cfg: Any, root: str, *, batch_size: int = 
     (clean, corrupted) word-token pairs where the clean token scores higher,
     ties counting half. Returns (mean AUC, number of captions used).
     """
+    per_kind = noise_auc_by_kind(model, cfg, root, batch_size=batch_size, device=device)
+    aucs = [a for values in per_kind.values() for a in values]
+    return float(np.mean(aucs)), len(aucs)
+
+
+def noise_auc_by_kind(model: torch.nn.Module, cfg: Any, root: str, *, batch_size: int = 32,
+                      device: torch.device | None = None) -> dict[str, list[float]]:
+    """Per-caption AUCs (see `noise_auc`) grouped by the report's corruption kind."""
     device = device or torch.device("cpu")
     report = load_noise_report(root)
     if report is None:
@@ -106,7 +118,7 @@ def noise_auc(model: torch.nn.Module, cfg: Any, root: str, *, batch_size: int = 
     transform = build_transforms(tuple(cfg.model.clip.image_size), is_train=False)
     was_training = model.training
     model.eval()
-    aucs: list[float] = []
+    aucs: dict[str, list[float]] = {}
     keys = list(noisy)
     for start in range(0, len(keys), batch_size):
         chunk = keys[start:start + batch_size]
@@ -125,11 +137,11 @@ def noise_auc(model: torch.nn.Module, cfg: Any, root: str, *, batch_size: int = 
             clean = [scores[row, p].item() for p in positions if p not in bad]
             if corrupt and clean:
                 c, k = np.asarray(clean)[:, None], np.asarray(corrupt)[None, :]
-                aucs.append(float(((c > k) + 0.5 * (c == k)).mean()))
+                aucs.setdefault(str(entry.get("kind", "unknown")), []).append(float(((c > k) + 0.5 * (c == k)).mean()))
     model.train(was_training)
     if not aucs:
         raise ToolError("no corrupted caption has both clean and corrupted word tokens")
-    return float(np.mean(aucs)), len(aucs)
+    return aucs
 
 
 # --------------------------------------------------------------------------- runs
@@ -140,12 +152,31 @@ class Interrupted(Exception):
 
 
 
+def auc_fields(model: torch.nn.Module, cfg: Any, data: str, device: torch.device) -> dict[str, float]:
+    """noise_auc (all corrupted captions), noise_auc_<kind> per corruption kind, noise_captions."""
+    per_kind = noise_auc_by_kind(model, cfg, data, batch_size=cfg.data.batch_size, device=device)
+    every = [a for values in per_kind.values() for a in values]
+    fields: dict[str, float] = {"noise_auc": float(np.mean(every)), "noise_captions": len(every)}
+    for kind in NOISE_KINDS:
+        fields[f"noise_auc_{kind}"] = float(np.mean(per_kind[kind])) if per_kind.get(kind) else float("nan")
+    return fields
+
+
 def run_variant(args: argparse.Namespace, name: str, seed: int) -> dict[str, float]:
     """Train (or resume, or reuse) one run; returns its test metrics at the best val epoch and noise AUC."""
     run_dir = Path(args.out) / name / f"seed{seed}"
     result_file = run_dir / "ablation.json"
     if result_file.exists():
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        if not all(f"noise_auc_{kind}" in result for kind in NOISE_KINDS):
+            # Recorded before the per-kind split: score the finished run's final weights.
+            cfg = load_config(str(run_dir / "config.yaml"))
+            model = build_model(cfg)
+            state = unwrap_state_dict(read_checkpoint(str(run_dir / "last.pth")), source=str(run_dir / "last.pth"))
+            load_model_weights(model, state, source=str(run_dir / "last.pth"))
+            result.update(auc_fields(model, cfg, args.data, torch.device("cpu")))
+            result_file.write_text(json.dumps(result, indent=2))
+        return result
     overrides = [f"data.root={args.data}", "eval.root=", f"eval.datasets=[{BENCHMARK}]", f"output_dir={run_dir}",
                  f"seed={seed}", "train.resume=auto", *VARIANTS[name][1], *args.overrides]
     overrides.append(f"solver.epochs={args.epochs}")
@@ -160,8 +191,7 @@ def run_variant(args: argparse.Namespace, name: str, seed: int) -> dict[str, flo
         raise ToolError(f"{run_dir}: no test metrics for {BENCHMARK} at the best val epoch (see its train.log)")
     result = {k: float(test[k]) for k in METRICS}
     result["best_epoch"] = int(entry.get("epoch", -1))
-    auc, count = noise_auc(trainer.model, cfg, args.data, batch_size=cfg.data.batch_size, device=trainer.device)
-    result.update(noise_auc=auc, noise_captions=count)
+    result.update(auc_fields(trainer.model, cfg, args.data, trainer.device))
     result_file.write_text(json.dumps(result, indent=2))
     return result
 
@@ -175,13 +205,14 @@ def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> st
 
 def markdown_table(results: dict[str, list[dict[str, float]]], seeds: Sequence[int]) -> str:
     """Mean ± std (sample std over seeds) per variant."""
-    head = "| variant | " + " | ".join(METRICS) + " | noise AUC |"
+    head = "| variant | " + " | ".join(METRICS) + " | noise AUC | wrong attribute | irrelevant phrase |"
     lines = [f"Direct transfer to the synthetic benchmark's test split (text -> image), mean ± std over "
              f"seeds {', '.join(map(str, seeds))}; noise AUC: clean vs corrupted words of noisy WebPerson "
-             "captions (0.5 = chance).", "", head, "|" + "---|" * (len(METRICS) + 2)]
+             "captions (0.5 = chance), all and per corruption kind.", "", head, "|" + "---|" * (len(METRICS) + 4)]
     for name, runs in results.items():
         cells = [mean_std([r[m] for r in runs]) for m in METRICS]
-        cells.append(mean_std([r["noise_auc"] for r in runs], digits=3))
+        for key in ("noise_auc", *(f"noise_auc_{kind}" for kind in NOISE_KINDS)):
+            cells.append(mean_std([r[key] for r in runs], digits=3) if all(key in r for r in runs) else "–")
         lines.append(f"| {VARIANTS[name][0]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
