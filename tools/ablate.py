@@ -48,6 +48,7 @@ from processor.engine import Trainer  # noqa: E402
 from processor.pretrain import PretrainTask  # noqa: E402
 from tools.common import ToolError  # noqa: E402
 from tools.visualize_gass import CaptionSource, corrupted_positions, load_noise_report, match_noise_entries  # noqa: E402
+from utils.checkpoint import atomic_write  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 
@@ -151,6 +152,11 @@ class Interrupted(Exception):
     """Training stopped on SIGTERM/SIGINT (its `last` checkpoint is saved)."""
 
 
+def save_result(path: Path, result: dict[str, float]) -> None:
+    """Write a run's ablation.json atomically (a crash never leaves a torn file)."""
+    data = json.dumps(result, indent=2).encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
+
 
 def auc_fields(model: torch.nn.Module, cfg: Any, data: str, device: torch.device) -> dict[str, float]:
     """noise_auc (all corrupted captions), noise_auc_<kind> per corruption kind, noise_captions."""
@@ -175,7 +181,7 @@ def run_variant(args: argparse.Namespace, name: str, seed: int) -> dict[str, flo
             state = unwrap_state_dict(read_checkpoint(str(run_dir / "last.pth")), source=str(run_dir / "last.pth"))
             load_model_weights(model, state, source=str(run_dir / "last.pth"))
             result.update(auc_fields(model, cfg, args.data, torch.device("cpu")))
-            result_file.write_text(json.dumps(result, indent=2))
+            save_result(result_file, result)
         return result
     overrides = [f"data.root={args.data}", "eval.root=", f"eval.datasets=[{BENCHMARK}]", f"output_dir={run_dir}",
                  f"seed={seed}", "train.resume=auto", *VARIANTS[name][1], *args.overrides]
@@ -192,12 +198,11 @@ def run_variant(args: argparse.Namespace, name: str, seed: int) -> dict[str, flo
     result = {k: float(test[k]) for k in METRICS}
     result["best_epoch"] = int(entry.get("epoch", -1))
     result.update(auc_fields(trainer.model, cfg, args.data, trainer.device))
-    result_file.write_text(json.dumps(result, indent=2))
+    save_result(result_file, result)
     return result
 
 
-def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
-    values = [v * scale for v in values]
+def mean_std(values: Sequence[float], digits: int = 1) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
