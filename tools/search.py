@@ -77,7 +77,8 @@ def load_run_model(checkpoint: str, config: str | None, overrides: list[str] | N
         raise ToolError(f"checkpoint {checkpoint} not found")
     config_path = resolve_config_path(checkpoint, config)
     try:
-        # pretrained= keeps build_model from loading OpenAI weights the checkpoint overwrites anyway.
+        # An empty model.clip.pretrained keeps build_model from loading OpenAI weights that the
+        # checkpoint overwrites anyway.
         cfg = load_config(config_path, list(overrides or []) + ["model.clip.pretrained="])
     except ConfigError as err:
         raise ToolError(str(err)) from err

@@ -84,7 +84,8 @@ def _order_keys(scores: torch.Tensor, cols: torch.Tensor, col_bits: int, rows: t
     bits = (scores.to(torch.float32) + 0.0).contiguous().view(torch.int32)
     # IEEE float -> monotone signed int: negative floats have their magnitude bits flipped.
     monotone = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    # key = ((2**31 - 1 - monotone) << col_bits) | cols; the score field lies in [0, 2**32).
+    # Each key holds (2**31 - 1 - monotone) in its high bits (a field in [0, 2**32)) and the
+    # column index in its low col_bits bits.
     keys = monotone.to(torch.int64).mul_(-(2**col_bits))
     keys.add_(cols + (2**31 - 1) * 2**col_bits)
     if rows is not None:
@@ -132,8 +133,8 @@ def _dense_ranks(
     rows_per_block = max(1, _DENSE_BLOCK_ELEMENTS // max(1, num_gallery))
     for begin in range(0, num_rows, rows_per_block):
         block = slice(begin, begin + rows_per_block)
-        # slot = #positive keys < key, in [0, count_r]; #items with slot <= m is the
-        # rank of the m-th positive (itself included).
+        # An item's slot is the number of positive keys below its key (0..count_r); the number
+        # of items whose slot is at most m is the rank of the m-th positive (itself included).
         slots = torch.searchsorted(pos_keys[block], _order_keys(scores[block], gallery_index, col_bits))
         hist = torch.zeros(slots.shape[0], max_pos + 1, dtype=torch.int64, device=device)
         hist.scatter_add_(1, slots, torch.ones((), dtype=torch.int64, device=device).expand_as(slots))
