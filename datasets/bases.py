@@ -1,4 +1,4 @@
-"""Shared pieces of every corpus loader (see docs DATA_FORMATS.md).
+"""Shared pieces of every corpus loader (formats: docs/data.md).
 
 * the dataset registry (``DATASETS``, ``register_dataset``);
 * ``AnnotationError`` (names the file and the record index) and the bad-record
@@ -7,7 +7,8 @@
   samples in compact numpy storage, so forked DataLoader workers share its
   pages) and the evaluation split (``EvalSplit``);
 * ``PedesJsonDataset``, the loader shared by CUHK-PEDES, ICFG-PEDES and
-  RSTPReid (one JSON list of per-image records);
+  RSTPReid (one JSON list of per-image records; a repeated image path is kept
+  as its own image, as the IRRA loaders do, and counted);
 * ``open_image``, which reads plain files and ``shard.tar::member`` paths.
 """
 
@@ -315,7 +316,7 @@ class TextReIDDataset:
     """Base of every corpus: ``.train`` (TrainIndex), ``.val``/``.test`` (EvalSplit or None)."""
 
     name: ClassVar[str] = ""
-    #: Folder name under the data root (DATA_FORMATS layout).
+    #: Folder name under the data root (layout in docs/data.md).
     dataset_dir: ClassVar[str] = ""
 
     train: TrainIndex
@@ -328,6 +329,12 @@ class TextReIDDataset:
         self.missing_split_notes = {}
         self.num_skipped = 0
         self.skipped: list[AnnotationError] = []
+        #: The annotation file that was read (None where there is no single file, e.g. tar shards).
+        self.annotation_path: str | None = None
+        #: Records whose image path an earlier record already listed (kept, each as its own image).
+        self.num_duplicate_images = 0
+        #: Problems worth a user's attention that are not errors (check_data prints them).
+        self.warnings: list[str] = []
 
     @property
     def num_classes(self) -> int:
@@ -434,13 +441,17 @@ class PedesJsonDataset(TextReIDDataset):
 
     Each record: ``{"split", "captions": [str, ...], "id": int, <path_key>: str}``;
     images live under ``<dataset dir>/<image_dir>/``. Subclasses set the class
-    attributes below.
+    attributes below. Every record is one image, as in the IRRA loaders: a
+    record repeating an earlier record's image path is kept as a separate
+    image (next image id in train, another gallery entry in test), counted in
+    ``num_duplicate_images`` and reported as a warning.
 
     Args:
         root: the data root holding ``<dataset_dir>/``, or that folder itself.
         skip_bad_records: skip (and count) malformed records instead of raising.
     """
 
+    #: Candidate annotation file names, in order of preference.
     annotation_names: ClassVar[tuple[str, ...]] = ()
     image_dir: ClassVar[str] = "imgs"
     path_key: ClassVar[str] = "file_path"
@@ -454,6 +465,7 @@ class PedesJsonDataset(TextReIDDataset):
         self.image_root = os.path.join(self.dataset_path, self.image_dir)
         if not os.path.isdir(self.image_root):
             raise AnnotationError(self.image_root, None, f"image folder not found; expected layout: {layout}")
+        logger.info("%s: reading %s", self.name, self.annotation_path)
 
         problems = RecordProblems(skip_bad_records)
         records = self._parse(problems)
@@ -482,31 +494,38 @@ class PedesJsonDataset(TextReIDDataset):
                                   f"expected a JSON list of image records at the top level, got {type_name(data)}")
         records: list[_PedesRecord] = []
         first_seen: dict[str, int] = {}
+        repeats: list[str] = []
         for index, raw in enumerate(data):
             try:
                 record = self._check_record(raw, index)
-                if record.path in first_seen:
-                    raise AnnotationError(self.annotation_path, index, f"duplicate image entry {record.path!r} "
-                                          f"(first listed at record {first_seen[record.path]})")
             except AnnotationError as error:
                 problems.report(error)
                 continue
-            first_seen[record.path] = index
+            first = first_seen.setdefault(record.path, index)
+            if first != index:
+                self.num_duplicate_images += 1
+                if len(repeats) < 3:
+                    repeats.append(f"{record.path!r} (records {first} and {index})")
             records.append(record)
+        if self.num_duplicate_images:
+            message = (f"{self.num_duplicate_images} record(s) repeat an earlier record's image path in "
+                       f"{self.annotation_path}; each is kept as a separate image, as the IRRA loaders do "
+                       f"(first: {', '.join(repeats)})")
+            logger.warning("%s: %s", self.name, message)
+            self.warnings.append(message)
         return records
 
     def _check_record(self, raw: Any, index: int) -> _PedesRecord:
         file = self.annotation_path
         if not isinstance(raw, dict):
             raise AnnotationError(file, index, f"expected an object, got {type_name(raw)}")
-        for key in ("split", "id", self.path_key, "captions"):
+        for key in self._required_keys():
             if key not in raw:
                 raise AnnotationError(file, index, f"missing key {key!r} (keys present: {sorted(raw)})")
-        split, pid, path, captions = raw["split"], raw["id"], raw[self.path_key], raw["captions"]
-        if not isinstance(split, str) or split not in self.splits:
-            raise AnnotationError(file, index, f"unknown split {split!r} (expected one of {', '.join(self.splits)})")
+        pid, path, captions = raw["id"], raw[self.path_key], raw["captions"]
         if isinstance(pid, bool) or not isinstance(pid, int):
             raise AnnotationError(file, index, f"'id' must be an integer, got {type_name(pid)} {pid!r:.40}")
+        split = self._record_split(raw, pid, index)
         if not isinstance(path, str) or not path.strip():
             raise AnnotationError(file, index, f"{self.path_key!r} must be a non-empty string, got {path!r:.60}")
         if not isinstance(captions, list) or not captions:
@@ -516,8 +535,21 @@ class PedesJsonDataset(TextReIDDataset):
             check_caption(caption, file, index, f"caption {k}")
         return _PedesRecord(split, pid, path, captions)
 
+    def _required_keys(self) -> tuple[str, ...]:
+        """Keys every record of the annotation file must have."""
+        return ("split", "id", self.path_key, "captions")
+
+    def _record_split(self, raw: dict[str, Any], pid: int, index: int) -> str:
+        """The split a checked record belongs to (here: its ``split`` value); raises AnnotationError."""
+        split = raw["split"]
+        if not isinstance(split, str) or split not in self.splits:
+            raise AnnotationError(self.annotation_path, index,
+                                  f"unknown split {split!r} (expected one of {', '.join(self.splits)})")
+        return split
+
     def _build_train(self, records: list[_PedesRecord]) -> CompactTrainIndex:
-        # Contiguous 0..K-1 in order of the sorted original ids (= IRRA's id-1 for 1-based CUHK ids).
+        # Contiguous 0..K-1 in order of the sorted original ids: IRRA's id-1 for CUHK-PEDES (1-based ids)
+        # and its id for ICFG-PEDES / RSTPReid (0-based).
         pid_map = {pid: k for k, pid in enumerate(sorted({r.pid for r in records}))}
         image_pids = np.fromiter((pid_map[r.pid] for r in records), dtype=np.int64, count=len(records))
         paths = StringTable.from_strings(os.path.join(self.image_root, r.path) for r in records)

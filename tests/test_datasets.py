@@ -166,7 +166,6 @@ def _with(**changes):
     (_with(captions=["ok", 3]), "caption 1 must be a string, got integer"),
     (_with(captions=[]), "'captions' must be a non-empty list of strings"),
     (_with(file_path=""), "'file_path' must be a non-empty string"),
-    (_with(file_path="CUHK01/a.png"), r"duplicate image entry 'CUHK01/a.png' \(first listed at record 0\)"),
 ])
 def test_bad_records_name_file_and_record_index(tmp_path, second, match):
     path = write_pedes(tmp_path, raw=json.dumps([GOOD, second]))
@@ -191,7 +190,8 @@ def test_missing_folders_say_what_was_expected(tmp_path):
     with pytest.raises(AnnotationError, match=r"CUHK-PEDES not found .*expected layout: <root>/CUHK-PEDES/"):
         CUHKPEDES(str(tmp_path))
     (tmp_path / "CUHK-PEDES").mkdir()
-    with pytest.raises(AnnotationError, match=r"annotation file not found \(looked for .*reid_raw\.json\)"):
+    with pytest.raises(AnnotationError, match=r"annotation file not found \(looked for .*reid_raw\.json, "
+                                              r".*caption_all\.json\)"):
         CUHKPEDES(str(tmp_path))
     (tmp_path / "ICFG-PEDES").mkdir()
     with pytest.raises(AnnotationError, match=r"looked for .*ICFG-PEDES\.json, .*ICFG_PEDES\.json"):
@@ -206,11 +206,14 @@ def test_skip_bad_records_counts(tmp_path):
                _with(file_path="CUHK01/c.png", id=4, captions=["c1", "c2"]), _with(split="test")]
     write_pedes(tmp_path, raw=json.dumps(records))
     ds = CUHKPEDES(str(tmp_path), skip_bad_records=True)
-    assert ds.num_skipped == 3 and [e.index for e in ds.skipped] == [1, 2, 3]
-    assert [c for *_, c in ds.train] == ["a caption", "c1", "c2"]
-    np.testing.assert_array_equal(ds.train.pids, [0, 1, 1])
+    # The repeated image path (record 3) is not a bad record: it is kept as its own image.
+    assert ds.num_skipped == 2 and [e.index for e in ds.skipped] == [1, 2]
+    assert ds.num_duplicate_images == 1
+    assert [c for *_, c in ds.train] == ["a caption", "a caption", "c1", "c2"]
+    np.testing.assert_array_equal(ds.train.pids, [0, 0, 1, 1])
+    np.testing.assert_array_equal(ds.train.image_ids, [0, 1, 2, 2])
     assert ds.test.img_paths[0].endswith("CUHK01/b.png")
-    assert "3 bad record(s) skipped" in ds.show_statistics()
+    assert "2 bad record(s) skipped" in ds.show_statistics()
 
 
 # --------------------------------------------------------------------------- tools/check_data.py
