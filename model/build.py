@@ -73,10 +73,6 @@ class GADMS(CrossModalMLM, nn.Module):
         if "sdm" not in loss_names and "itc" not in loss_names and gass:
             logger.warning("GASS is on but no contrastive loss (sdm/itc) uses the noise-masked captions")
         self.base_model = base_model
-        # The backbone's learnable CLIP temperature is not used (tau is fixed):
-        # freezing it keeps "every trainable parameter gets a gradient" true,
-        # which DDP without find_unused_parameters relies on.
-        self.base_model.logit_scale.requires_grad_(False)
         self.loss_names = list(loss_names)
         self.loss_weights = {name: float((loss_weights or {}).get(name, 1.0)) for name in self.loss_names}
         self.temperature = float(temperature)
@@ -161,17 +157,17 @@ class GADMS(CrossModalMLM, nn.Module):
         return out
 
 
-def build_model(cfg: Any, num_classes: int = 0) -> GADMS:
+def build_model(cfg: Any, num_classes: int = 0, *, backbone: CLIP | None = None) -> GADMS:
     """The retrieval model described by a resolved config.
 
     Args:
         cfg: The full config (reads `model.*` and `gass.*`).
         num_classes: Training identities (for the ID classifier).
+        backbone: A ready CLIP to use instead of building one from `model.clip`.
     """
     loss_names = objectives.parse_loss_names(cfg.model.loss_names)
-    base_model = build_clip_from_config(cfg.model.clip)
     return GADMS(
-        base_model,
+        backbone if backbone is not None else build_clip_from_config(cfg.model.clip),
         loss_names=loss_names,
         loss_weights=dict(cfg.model.loss_weights),
         temperature=cfg.model.temperature,

@@ -3,7 +3,10 @@
 The module tree mirrors OpenAI's ``clip/model.py`` key for key (``visual.conv1.weight``,
 ``visual.transformer.resblocks.N.attn.in_proj_weight``, ``token_embedding.weight``,
 ``text_projection``, ...) so OpenAI's released checkpoints and IRRA / GA-DMS checkpoints
-load without renaming. Unlike OpenAI's model, both towers return *all* projected tokens
+load without renaming. Unlike OpenAI's model, there is no learnable ``logit_scale``
+(retrieval uses a fixed temperature, and IRRA's and the GA-DMS authors' backbones have
+no such key, so our state dict matches theirs exactly; OpenAI files that carry it still
+load, the value is dropped). Both towers return *all* projected tokens
 (the MLM branch needs them) and attention is our own small module so that GASS can reach
 the internals of each text block.
 """
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from model.weights import IncompatibleWeightsError, unwrap_state_dict
+from model.weights import IncompatibleWeightsError, read_checkpoint, unwrap_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +45,10 @@ __all__ = [
     "Transformer",
     "VisionTransformer",
     "build_clip",
+    "backbone_state_dict",
     "build_clip_from_config",
+    "check_preset",
+    "clip_from_state_dict",
     "clip_preset",
     "infer_clip_config",
     "load_clip_state_dict",
@@ -119,6 +125,9 @@ OPENAI_URLS: dict[str, str] = {
 _DOWNLOAD_TIMEOUT_S = 30.0
 # Keys of OpenAI's TorchScript archives that are attributes, not parameters.
 _NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
+# OpenAI's learnable temperature: retrieval uses a fixed one, and the reference
+# backbones (IRRA, GA-DMS) have no such key.
+_UNUSED_KEYS = ("logit_scale",)
 
 
 class QuickGELU(nn.Module):
@@ -338,7 +347,6 @@ class CLIP(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = nn.LayerNorm(transformer_width)
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.initialize_parameters()
 
     @property
@@ -497,34 +505,41 @@ def is_torchscript_archive(path: str) -> bool:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
-def _backbone_state_dict(obj: Any, path: str) -> dict[str, Tensor]:
-    try:
-        state = unwrap_state_dict(obj, source=path)
-    except IncompatibleWeightsError as err:
-        raise RuntimeError(f"{path} is neither a TorchScript archive nor a state dict of tensors: {err}") from err
-    # A full IRRA / GA-DMS retrieval checkpoint holds the backbone under ``base_model.``.
+def backbone_state_dict(state: Mapping[str, Tensor], source: str = "state dict") -> dict[str, Tensor]:
+    """The OpenAI-keyed fp32 CLIP weights inside a CLIP or retrieval state dict.
+
+    Takes an (unwrapped) state dict of OpenAI's CLIP, or of a retrieval model (ours,
+    the GA-DMS authors', IRRA's), whose backbone sits under ``base_model.``. Drops
+    OpenAI's non-parameter entries and its unused ``logit_scale``; casts to fp32 (the
+    model is fp32; autocast handles low precision).
+    """
+    state = dict(state)
     if "visual.conv1.weight" not in state and "base_model.visual.conv1.weight" in state:
-        state = {k[len("base_model.") :]: v for k, v in state.items() if k.startswith("base_model.")}
-    return state
+        state = {k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}
+    for key in _NON_PARAMETER_KEYS:
+        state.pop(key, None)
+    dropped = [key for key in _UNUSED_KEYS if state.pop(key, None) is not None]
+    if dropped:
+        logger.info("%s: ignoring %s (CLIP's learnable temperature; retrieval uses model.temperature)",
+                    source, ", ".join(dropped))
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def load_clip_state_dict(path: str) -> dict[str, Tensor]:
-    """Read a TorchScript archive or a (wrapped) state dict into an fp32 state dict."""
+def load_clip_state_dict(path: str, *, trust: bool = False) -> dict[str, Tensor]:
+    """The fp32 CLIP weights of a file: OpenAI's TorchScript archive, a CLIP state dict,
+    or a retrieval checkpoint (wrapped as ``{'model': ...}``, DDP's ``module.`` prefix)."""
     if is_torchscript_archive(path):
         with warnings.catch_warnings():
             # torch deprecates TorchScript, but OpenAI's releases are TorchScript archives.
             warnings.filterwarnings("ignore", message=".*torch.jit", category=FutureWarning)
             state = dict(torch.jit.load(path, map_location="cpu").state_dict())
     else:
+        obj = read_checkpoint(path, trust=trust)
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several unrelated types for foreign files
-            raise RuntimeError(f"cannot read {path} as a TorchScript archive or a torch state dict: {err}") from err
-        state = _backbone_state_dict(obj, path)
-    for key in _NON_PARAMETER_KEYS:
-        state.pop(key, None)
-    # OpenAI ships fp16 weights; the model is fp32 and autocast handles low precision.
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+            state = unwrap_state_dict(obj, source=path)
+        except IncompatibleWeightsError as err:
+            raise RuntimeError(f"{path} is neither a TorchScript archive nor a state dict of tensors: {err}") from err
+    return backbone_state_dict(state, source=path)
 
 
 def infer_clip_config(state_dict: Mapping[str, Tensor]) -> dict[str, int]:
@@ -559,26 +574,26 @@ def infer_clip_config(state_dict: Mapping[str, Tensor]) -> dict[str, int]:
     )
 
 
-def build_clip(
-    name_or_path: str,
+def clip_from_state_dict(
+    state: Mapping[str, Tensor],
     image_size: tuple[int, int] = (384, 128),
     stride_size: int = 16,
-    cache_dir: str | None = None,
     grad_checkpointing: bool = False,
+    source: str = "state dict",
 ) -> CLIP:
-    """Build an fp32 ``CLIP`` from OpenAI-keyed weights (file path or OpenAI model name).
+    """Build an fp32 ``CLIP`` holding exactly the OpenAI-keyed weights ``state``.
 
-    The architecture is inferred from the weights; the visual positional embedding is
-    resized to the patch grid of ``image_size`` and ``stride_size``.
+    The architecture is inferred from the weights; a square positional grid
+    (OpenAI's) is resized to the patch grid of ``image_size`` and ``stride_size``, a
+    non-square one (IRRA / GA-DMS checkpoints) must already match it.
     """
-    path = resolve_clip_checkpoint(name_or_path, cache_dir)
-    state = load_clip_state_dict(path)
+    state = dict(state)
     try:
         arch = infer_clip_config(state)
     except KeyError as err:
-        raise ValueError(f"{path}: missing CLIP key {err}; not an OpenAI-keyed CLIP ViT") from err
+        raise ValueError(f"{source}: missing CLIP key {err}; not an OpenAI-keyed CLIP ViT") from err
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
+        raise ValueError(f"{source}: {err}") from err
     model = CLIP(**arch, image_size=tuple(image_size), stride_size=stride_size, grad_checkpointing=grad_checkpointing)
     new_grid = model.visual.grid_size
     pretrained_num_patches = state["visual.positional_embedding"].shape[0] - 1
@@ -588,7 +603,7 @@ def build_clip(
     elif pretrained_num_patches != new_grid[0] * new_grid[1]:
         # Non-square grids come from IRRA / GA-DMS checkpoints already trained at our size.
         raise ValueError(
-            f"{path}: positional embedding has {pretrained_num_patches} patch positions (not a square grid) "
+            f"{source}: positional embedding has {pretrained_num_patches} patch positions (not a square grid) "
             f"and cannot be resized to the {new_grid} grid of image_size={tuple(image_size)}, "
             f"stride_size={stride_size}"
         )
@@ -597,12 +612,12 @@ def build_clip(
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise RuntimeError(
-            f"{path}: state dict does not match CLIP; missing keys: {missing}; unexpected keys: {unexpected}"
+            f"{source}: state dict does not match CLIP; missing keys: {missing}; unexpected keys: {unexpected}"
         )
     model.load_state_dict(state, strict=True)
     logger.info(
         "loaded CLIP weights from %s (vision %d x %d, patch %d, grid %s, text %d x %d)",
-        path,
+        source,
         arch["vision_layers"],
         arch["vision_width"],
         arch["vision_patch_size"],
@@ -613,31 +628,27 @@ def build_clip(
     return model
 
 
-def build_clip_from_config(cfg: Any) -> CLIP:
-    """Build the backbone from the ``model.clip`` config node.
+def build_clip(
+    name_or_path: str,
+    image_size: tuple[int, int] = (384, 128),
+    stride_size: int = 16,
+    cache_dir: str | None = None,
+    grad_checkpointing: bool = False,
+    trust: bool = False,
+) -> CLIP:
+    """Build an fp32 ``CLIP`` from OpenAI-keyed weights (file path or OpenAI model name).
 
-    Keys: ``arch`` (preset name), ``pretrained`` ("" = random init from the preset, else
-    a name or path for ``build_clip``), ``image_size`` [H, W], ``stride_size``,
-    ``cache_dir`` ("" = default cache), ``grad_checkpointing``.
+    The file may also be a retrieval checkpoint (its ``base_model.`` weights are used).
+    See :func:`clip_from_state_dict` for the architecture and the positional grid.
     """
-    image_size = tuple(int(v) for v in cfg.image_size)
-    if len(image_size) != 2:
-        raise ValueError(f"model.clip.image_size must be [H, W], got {list(cfg.image_size)}")
-    preset = clip_preset(cfg.arch)
-    if not cfg.pretrained:
-        return CLIP(
-            **preset,
-            image_size=image_size,
-            stride_size=int(cfg.stride_size),
-            grad_checkpointing=bool(cfg.grad_checkpointing),
-        )
-    model = build_clip(
-        cfg.pretrained,
-        image_size=image_size,
-        stride_size=int(cfg.stride_size),
-        cache_dir=cfg.cache_dir or None,
-        grad_checkpointing=bool(cfg.grad_checkpointing),
-    )
+    path = resolve_clip_checkpoint(name_or_path, cache_dir)
+    state = load_clip_state_dict(path, trust=trust)
+    return clip_from_state_dict(state, image_size, stride_size, grad_checkpointing, source=path)
+
+
+def check_preset(model: CLIP, arch: str, source: str) -> None:
+    """Fail when the loaded ``model`` is not the size preset ``arch`` names."""
+    preset = clip_preset(arch)
     loaded = dict(
         embed_dim=model.embed_dim,
         vision_width=model.visual.conv1.out_channels,
@@ -649,9 +660,47 @@ def build_clip_from_config(cfg: Any) -> CLIP:
     mismatched = {k: (v, preset[k]) for k, v in loaded.items() if preset[k] != v}
     if mismatched:
         raise ValueError(
-            f"model.clip.pretrained={cfg.pretrained!r} does not match model.clip.arch={cfg.arch!r}: "
+            f"{source} does not match model.clip.arch={arch!r}: "
             + ", ".join(
                 f"{k} is {got} in the checkpoint but {want} in the preset" for k, (got, want) in mismatched.items()
             )
         )
+
+
+def build_clip_from_config(cfg: Any, state_dict: Mapping[str, Tensor] | None = None, source: str = "") -> CLIP:
+    """Build the backbone from the ``model.clip`` config node.
+
+    Keys: ``arch`` (preset name), ``pretrained`` ("" = random init from the preset, else
+    a name or path for ``build_clip``), ``image_size`` [H, W], ``stride_size``,
+    ``cache_dir`` ("" = default cache), ``grad_checkpointing``.
+
+    Args:
+        cfg: The ``model.clip`` node.
+        state_dict: OpenAI-keyed backbone weights to use instead of ``pretrained``
+            (e.g. the backbone of a full checkpoint being fine-tuned).
+        source: Where ``state_dict`` came from (for messages).
+    """
+    image_size = tuple(int(v) for v in cfg.image_size)
+    if len(image_size) != 2:
+        raise ValueError(f"model.clip.image_size must be [H, W], got {list(cfg.image_size)}")
+    if state_dict is not None:
+        model = clip_from_state_dict(state_dict, image_size, int(cfg.stride_size), bool(cfg.grad_checkpointing),
+                                     source=source or "state dict")
+        check_preset(model, cfg.arch, source or "state dict")
+        return model
+    if not cfg.pretrained:
+        return CLIP(
+            **clip_preset(cfg.arch),
+            image_size=image_size,
+            stride_size=int(cfg.stride_size),
+            grad_checkpointing=bool(cfg.grad_checkpointing),
+        )
+    model = build_clip(
+        cfg.pretrained,
+        image_size=image_size,
+        stride_size=int(cfg.stride_size),
+        cache_dir=cfg.cache_dir or None,
+        grad_checkpointing=bool(cfg.grad_checkpointing),
+    )
+    check_preset(model, cfg.arch, f"model.clip.pretrained={cfg.pretrained!r}")
     return model

@@ -26,6 +26,9 @@ __all__ = ["IncompatibleWeightsError", "LoadReport", "read_checkpoint", "unwrap_
            "load_model_weights", "load_pretrained"]
 
 WRAPPER_KEYS = ("model", "state_dict")
+# Keys a checkpoint may carry that no model here has: CLIP's learnable temperature,
+# in checkpoints written before the backbone dropped it (retrieval uses a fixed one).
+IGNORED_KEYS = ("base_model.logit_scale",)
 
 
 class IncompatibleWeightsError(RuntimeError):
@@ -138,7 +141,7 @@ def load_model_weights(
             loadable[key] = value
     report.missing.extend(k for k in own if k not in state_dict)
     bad_missing = [k for k in report.missing if not _allowed(k, allowed_missing)]
-    bad_unexpected = [k for k in report.unexpected if not _allowed(k, allowed_unexpected)]
+    bad_unexpected = [k for k in report.unexpected if k not in IGNORED_KEYS and not _allowed(k, allowed_unexpected)]
     if bad_missing or bad_unexpected:
         lines = [f"{source} does not fit the model:"]
         if bad_missing:
@@ -151,6 +154,10 @@ def load_model_weights(
                      f"allowed unexpected: {list(allowed_unexpected) or 'nothing'}")
         raise IncompatibleWeightsError("\n".join(lines))
     model.load_state_dict(loadable, strict=False)
+    ignored = [k for k in report.unexpected if k in IGNORED_KEYS]
+    if ignored:
+        logger.info("%s: ignoring %s (CLIP's learnable temperature; retrieval uses model.temperature)",
+                    source, ", ".join(ignored))
     logger.info("loaded %s: %s", source, report.summary())
     return report
 

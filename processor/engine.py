@@ -95,8 +95,9 @@ class Task:
 
     name = "train"
 
-    def init_model(self, trainer: Trainer, model: nn.Module) -> None:
-        """Load initial weights (called before the optimizer is built)."""
+    def build_model(self, cfg: Config, num_classes: int) -> nn.Module:
+        """The model with its initial weights (called before the optimizer is built)."""
+        return build_model(cfg, num_classes=num_classes)
 
     def after_step(self, trainer: Trainer, batch: Mapping[str, Any], out: Mapping[str, torch.Tensor]) -> None:
         """Called on every rank after each optimisation step."""
@@ -139,8 +140,7 @@ class Trainer:
             raise ValueError(f"{cfg.data.name}: {len(data.train)} training samples give no full batch of "
                              f"{cfg.data.batch_size} x {self.world_size} process(es); lower data.batch_size")
 
-        model = build_model(cfg, num_classes=self.num_classes).to(self.device)
-        self.task.init_model(self, model)
+        model = self.task.build_model(cfg, self.num_classes).to(self.device)
         self.optimizer = build_optimizer(
             model, name=cfg.solver.optimizer, lr=cfg.solver.lr, weight_decay=cfg.solver.weight_decay,
             momentum=cfg.solver.momentum, betas=tuple(cfg.solver.betas), eps=cfg.solver.eps,

@@ -6,8 +6,11 @@ import logging
 
 import torch
 
-from model.weights import load_pretrained
-from processor.engine import Task, Trainer
+from model import build_model
+from model.clip import backbone_state_dict, build_clip_from_config, is_torchscript_archive, load_clip_state_dict
+from model.weights import load_model_weights, read_checkpoint, unwrap_state_dict
+from processor.engine import Task
+from utils.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -15,18 +18,37 @@ __all__ = ["FinetuneTask"]
 
 
 class FinetuneTask(Task):
-    """`sdm+id+mlm` with plain random MLM masking; the ID classifier is the only new module."""
+    """`sdm+id+mlm` with plain random MLM masking; the ID classifier is the only new module.
+
+    `model.finetune` names the starting checkpoint: a full retrieval checkpoint (ours,
+    the GA-DMS authors' or IRRA's; pretraining or fine-tuning) gives every weight, the
+    backbone included, so `model.clip.pretrained` is not read; a plain CLIP file (e.g.
+    OpenAI's ViT-B-16.pt: IRRA's own starting point) gives the backbone only.
+    """
 
     name = "finetune"
 
-    def init_model(self, trainer: Trainer, model: torch.nn.Module) -> None:
-        path = trainer.cfg.model.finetune
+    def build_model(self, cfg: Config, num_classes: int) -> torch.nn.Module:
+        path = cfg.model.finetune
         if not path:
             logger.warning("model.finetune is empty: fine-tuning from model.clip.pretrained only "
                            "(no GA-DMS pretraining)")
-            return
-        # Only the ID classifier may be missing (or differ in shape): every other
-        # module, the MLM branch included, must come from the checkpoint.
-        report = load_pretrained(model, path, allowed_missing=("classifier.",),
-                                 trust=trainer.cfg.train.trust_checkpoints)
-        logger.info("initialised from %s (%s)", path, report.summary())
+            return build_model(cfg, num_classes=num_classes)
+        if is_torchscript_archive(path):
+            state, clip_state = {}, load_clip_state_dict(path)
+        else:
+            state = unwrap_state_dict(read_checkpoint(path, trust=cfg.train.trust_checkpoints), source=path)
+            clip_state = backbone_state_dict(state, source=path)
+        backbone = build_clip_from_config(cfg.model.clip, clip_state, source=path)
+        model = build_model(cfg, num_classes=num_classes, backbone=backbone)
+        if not any(k.startswith("base_model.") for k in state):
+            logger.info("fine-tuning from the CLIP weights of %s: backbone from that file; the cross-modal "
+                        "MLM branch and the ID classifier start from random weights", path)
+            return model
+        # Every module but the ID classifier must come from the checkpoint (the
+        # classifier may be absent, or sized for another dataset's identities).
+        report = load_model_weights(model, state, allowed_missing=("classifier.",), source=path)
+        fresh = "the ID classifier starts from random weights" if report.missing else "the ID classifier too"
+        logger.info("initialised from %s: backbone from that checkpoint (model.clip.pretrained=%r is not read), "
+                    "cross-modal heads from it, %s (%s)", path, cfg.model.clip.pretrained, fresh, report.summary())
+        return model

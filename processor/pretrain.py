@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from processor.engine import Task, Trainer
+from utils.config import Config
 
 __all__ = ["PretrainTask"]
 
@@ -23,11 +24,12 @@ class PretrainTask(Task):
 
     name = "pretrain"
 
-    def init_model(self, trainer: Trainer, model: torch.nn.Module) -> None:
+    def build_model(self, cfg: Config, num_classes: int) -> torch.nn.Module:
         # The backbone comes from model.clip.pretrained (OpenAI CLIP); the heads start fresh.
-        if trainer.cfg.model.finetune:
+        if cfg.model.finetune:
             raise ValueError("model.finetune is set in a pretraining config; use task=finetune "
                              "(or clear model.finetune) — pretraining starts from model.clip.pretrained")
+        return super().build_model(cfg, num_classes)
 
     def after_step(self, trainer: Trainer, batch: Mapping[str, Any], out: Mapping[str, torch.Tensor]) -> None:
         if trainer.score_cache is not None and "gass_scores" in out:

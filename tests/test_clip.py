@@ -98,8 +98,10 @@ def test_parity_with_open_clip(image_size):
         ),
         quick_gelu=True,
     ).eval()
-    # Same key names, so a strict load proves the layouts agree (incl. the positional grid).
-    theirs.load_state_dict(ours.state_dict(), strict=True)
+    # Same key names, so this load proves the layouts agree (incl. the positional grid); only
+    # open_clip's learnable temperature is absent from ours (retrieval uses a fixed one).
+    result = theirs.load_state_dict(ours.state_dict(), strict=False)
+    assert result.missing_keys == ["logit_scale"] and result.unexpected_keys == []
 
     images = _images(2, image_size)
     ids = _random_ids(3)
@@ -139,10 +141,10 @@ def test_shapes_and_state_dict_keys():
         "positional_embedding",
         "ln_final.weight",
         "text_projection",
-        "logit_scale",
     ]:
         assert key in keys, key
     assert "visual.conv1.bias" not in keys
+    assert "logit_scale" not in keys  # the reference backbones (IRRA, GA-DMS) have none
     assert model.visual.positional_embedding.shape == (1 + 4 * 2, 128)
     assert model.text_projection.shape == (128, 64)
     with torch.no_grad():
@@ -228,9 +230,6 @@ def test_grad_checkpointing_same_outputs_and_gradients():
     assert calls["n"] == 12
     torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
     for (name, p1), p2 in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
-        if name == "logit_scale":  # only the retrieval losses use it
-            assert p1.grad is None and p2.grad is None
-            continue
         assert p1.grad is not None and p1.grad.abs().max() > 0, name
         torch.testing.assert_close(p1.grad, p2.grad, atol=1e-7, rtol=1e-6, msg=name)
 

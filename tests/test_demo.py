@@ -9,6 +9,7 @@ from datasets import build_dataset
 from datasets.bases import EvalSplit
 from model import build_model
 from processor.evaluate import build_evaluator
+from processor.inference import load_for_evaluation
 from tests.conftest import load_tool
 from utils.config import load_config
 
@@ -47,7 +48,7 @@ def test_small_demo_runs_end_to_end_and_learns(tmp_path, capsys):
     cfg = load_config(str(out / "finetune" / "config.yaml"))
     split = train_split(data)
     evaluator = build_evaluator(cfg, {"train": split}, torch.device("cpu"))
-    trained = load_tool("test").load_for_evaluation(cfg, str(out / "finetune" / "last.pth"))
+    trained = load_for_evaluation(cfg, str(out / "finetune" / "last.pth"))
     torch.manual_seed(0)
     r1 = evaluator.evaluate(trained)["train"]["t2i"]["R1"]
     untrained = build_model(cfg, num_classes=split.num_ids)

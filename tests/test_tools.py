@@ -23,6 +23,7 @@ from datasets.masking import informative_mask, noise_mask
 from datasets.transforms import build_transforms
 from model.tokenizer import Tokenizer
 from processor.evaluate import build_evaluator
+from processor.inference import load_for_evaluation
 from tests.conftest import REPO, load_tool
 from utils.config import load_config
 from utils.visualize import GREEN, GREY, RED, SERIES_COLOURS, nice_ticks, score_colour
@@ -59,7 +60,7 @@ def trained(synthetic_root, tmp_path_factory):
 def reference(trained, synthetic_root):
     """The trained model, its config, the test split and the Evaluator's features of it."""
     cfg = load_config(str(trained / "config.yaml"), ["model.clip.pretrained="])
-    model = load_tool("test").load_for_evaluation(cfg, str(trained / "best_CUHK-PEDES.pth")).eval()
+    model = load_for_evaluation(cfg, str(trained / "best_CUHK-PEDES.pth")).eval()
     split = build_dataset("CUHK-PEDES", str(synthetic_root)).test
     feats = build_evaluator(cfg, {"CUHK-PEDES": split}, "cpu").extract(model, split)
     sim = feats["text_feats"] @ feats["image_feats"].T

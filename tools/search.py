@@ -41,8 +41,8 @@ from datasets.build import ImageDataset  # noqa: E402
 from datasets.transforms import build_transforms  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from processor.engine import resolve_device  # noqa: E402
+from processor.inference import load_for_evaluation  # noqa: E402
 from tools.common import ToolError, run_tool  # noqa: E402
-from tools.test import load_for_evaluation  # noqa: E402
 from utils.config import Config, ConfigError, load_config  # noqa: E402
 from utils.visualize import BLACK, GREY, WHITE, fit_thumbnail, load_font, save_png, text_size, wrap_text  # noqa: E402
 

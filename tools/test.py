@@ -4,8 +4,10 @@
     python tools/test.py --config RUN/config.yaml --checkpoint RUN/best_CUHK-PEDES.pth [key=value ...]
     python tools/test.py --config configs/finetune/cuhkpedes.yaml --checkpoint best0.pth eval.datasets=[CUHK-PEDES]
 
-Only the backbone must match the checkpoint exactly: evaluation does not use
-the MLM branch or the ID classifier, so those may be missing or differ.
+Any checkpoint evaluates with any config: ours, the GA-DMS authors' or IRRA's
+(pretraining or fine-tuning), or OpenAI's CLIP file (zero-shot). Only the
+backbone is built and it must match the checkpoint exactly; the MLM branch and
+the ID classifier are not used by evaluation.
 """
 
 from __future__ import annotations
@@ -20,37 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from datasets import build_dataset  # noqa: E402
-from model import build_model  # noqa: E402
-from model.clip import is_torchscript_archive, load_clip_state_dict  # noqa: E402
-from model.weights import load_model_weights, read_checkpoint, unwrap_state_dict  # noqa: E402
 from processor.engine import resolve_device  # noqa: E402
 from processor.evaluate import append_metrics, build_evaluator  # noqa: E402
+from processor.inference import load_for_evaluation  # noqa: E402
 from utils.config import ConfigError, load_config  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 from utils.metrics import format_table  # noqa: E402
-
-HEADS = ("classifier.", "cross_attn.", "cross_modal_transformer.", "ln_pre_t.", "ln_pre_i.", "ln_post.",
-         "mlm_head.")
-
-
-def load_for_evaluation(cfg, path: str, *, trust: bool = False) -> torch.nn.Module:
-    """A retrieval model holding the checkpoint's weights.
-
-    A plain OpenAI CLIP file (TorchScript or state dict) evaluates zero-shot
-    CLIP (the "none" row of the direct-transfer table); anything else must be a
-    retrieval checkpoint whose backbone matches the config exactly.
-    """
-    if is_torchscript_archive(path):
-        state = load_clip_state_dict(path)
-    else:
-        state = unwrap_state_dict(read_checkpoint(path, trust=trust), source=path)
-    if "visual.conv1.weight" in state:
-        cfg.model.clip.pretrained = path
-        return build_model(cfg, num_classes=0)
-    num_classes = int(state["classifier.weight"].shape[0]) if "classifier.weight" in state else 0
-    model = build_model(cfg, num_classes=num_classes)
-    load_model_weights(model, state, allowed_missing=HEADS, allowed_unexpected=HEADS, source=path)
-    return model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
