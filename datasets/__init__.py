@@ -31,7 +31,7 @@ def build_dataset(name: str, root: str, **kwargs: Any) -> TextReIDDataset:
 
     Args:
         name: a key of ``DATASETS`` (``CUHK-PEDES``, ``ICFG-PEDES``, ``RSTPReid``, ``WebPerson``).
-        root: folder holding ``<name>/`` (DATA_FORMATS layout), or that folder itself.
+        root: folder holding ``<name>/`` (the layout of docs/data.md), or that folder itself.
         **kwargs: passed to the corpus class (e.g. ``skip_bad_records``, ``annotation``).
 
     Raises:

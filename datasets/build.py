@@ -37,7 +37,7 @@ SAMPLERS = ("random", "identity")
 
 @dataclasses.dataclass(frozen=True)
 class MaskingSpec:
-    """Which captions a training sample carries and the masking constants (METHOD.md §5)."""
+    """Which captions a training sample carries and the masking constants (docs/method.md §5)."""
 
     noise: bool = True
     mlm: str = "informative"

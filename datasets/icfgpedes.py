@@ -1,4 +1,4 @@
-"""ICFG-PEDES: ``<root>/ICFG-PEDES/{ICFG-PEDES.json, imgs/}`` (DATA_FORMATS.md)."""
+"""ICFG-PEDES: ``<root>/ICFG-PEDES/{ICFG-PEDES.json, imgs/}`` (docs/data.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token masking for GA-DMS dual masking and IRRA-style MLM (METHOD.md section 5).
+"""Token masking for GA-DMS dual masking and IRRA-style MLM (docs/method.md §5).
 
 All functions take ``ids`` of shape ``[B, L]`` or ``[L]``, never modify it in
 place, and only touch ordinary ids (``vocab_low <= id <= vocab_high``, by

@@ -1,4 +1,4 @@
-"""RSTPReid: ``<root>/RSTPReid/{data_captions.json, imgs/}`` (DATA_FORMATS.md)."""
+"""RSTPReid: ``<root>/RSTPReid/{data_captions.json, imgs/}`` (docs/data.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The GA-DMS retrieval model: CLIP backbone + heads + losses (METHOD.md §2, §6).
+"""The GA-DMS retrieval model: CLIP backbone + heads + losses (docs/method.md §2, §6).
 
 State-dict layout is the reference's (`base_model.<OpenAI keys>`, `cross_attn.*`,
 `cross_modal_transformer.*`, `ln_pre_t`, `ln_pre_i`, `ln_post`, `mlm_head.*`,

@@ -1,4 +1,4 @@
-"""GASS: gradient-attention similarity scores for caption tokens (METHOD.md §4).
+"""GASS: gradient-attention similarity scores for caption tokens (docs/method.md §4).
 
 For every caption token, a score in [0, 1] saying how much the token supports
 the match between the caption and its own image. The last `num_layers` text
@@ -233,7 +233,7 @@ def _scored_layers_per_layer(clip: CLIP, image_feats: Tensor, ids: Tensor,
 
 def _combine(saved: list[dict], grads: Sequence[Tensor], ids: Tensor, scales: Sequence[int],
              attn_norm: str, normalize: str) -> Tensor:
-    """Steps 5-9 of METHOD.md §4: smoothing, q/k cosine, importance, modulation, normalisation."""
+    """Steps 5-9 of docs/method.md §4: smoothing, q/k cosine, importance, modulation, normalisation."""
     batch, length = ids.shape
     rows = torch.arange(batch, device=ids.device)
     eot = ids.argmax(dim=-1)

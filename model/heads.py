@@ -1,4 +1,4 @@
-"""Heads of the retrieval model: cross-modal MLM branch and ID classifier (METHOD.md §6).
+"""Heads of the retrieval model: cross-modal MLM branch and ID classifier (docs/method.md §6).
 
 Module names match the reference checkpoints (`cross_attn`, `cross_modal_transformer`,
 `ln_pre_t`, `ln_pre_i`, `ln_post`, `mlm_head`, `classifier`), so the builders here

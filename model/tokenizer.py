@@ -1,4 +1,4 @@
-"""CLIP byte-level BPE tokenizer with IRRA's ``<|mask|>`` token (METHOD.md section 3).
+"""CLIP byte-level BPE tokenizer with IRRA's ``<|mask|>`` token (docs/method.md §3).
 
 The merges are read from the vocabulary file bundled with the installed
 ``open_clip`` package, so there is no vendored copy. Text cleaning and the

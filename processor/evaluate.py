@@ -1,4 +1,4 @@
-"""Evaluation: feature extraction per test set and bounded-memory ranking (METHOD.md §8).
+"""Evaluation: feature extraction per test set and bounded-memory ranking (docs/method.md §8).
 
 One `Evaluator` loops over the configured test sets (no copy per dataset).
 Under DDP every rank embeds a strided shard of each set; features travel with

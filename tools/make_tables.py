@@ -39,7 +39,7 @@ TRANSFER_METRICS = ("R1", "mAP")
 MISSING = "–"
 TASKS = ("auto", "finetune", "pretrain")
 
-#: Paper Table 1 (METHOD.md §10): fine-tuned R1 / R5 / R10 / mAP; the paper reports no mINP.
+#: Paper Table 1 (docs/method.md §10): fine-tuned R1 / R5 / R10 / mAP; the paper reports no mINP.
 PAPER_FINETUNED: dict[str, dict[str, tuple[float, float, float, float]]] = {
     "IRRA (no pretraining)": {"CUHK-PEDES": (73.38, 89.93, 93.71, 66.10), "ICFG-PEDES": (63.46, 80.25, 85.82, 38.06),
                               "RSTPReid": (60.20, 81.30, 88.20, 47.17)},
@@ -50,7 +50,7 @@ PAPER_FINETUNED: dict[str, dict[str, tuple[float, float, float, float]]] = {
     "GA-DMS, WebPerson 5M": {"CUHK-PEDES": (77.60, 91.40, 94.78, 69.82), "ICFG-PEDES": (69.51, 83.47, 87.67, 42.30),
                              "RSTPReid": (71.25, 87.25, 92.90, 55.43)},
 }
-#: Paper Table 2 (METHOD.md §10): direct transfer R1 / mAP.
+#: Paper Table 2 (docs/method.md §10): direct transfer R1 / mAP.
 PAPER_TRANSFER: dict[str, dict[str, tuple[float, float]]] = {
     "none (plain CLIP)": {"CUHK-PEDES": (12.65, 11.15), "ICFG-PEDES": (6.67, 2.51), "RSTPReid": (13.45, 10.31)},
     "GA-DMS 0.1M": {"CUHK-PEDES": (58.95, 52.77), "ICFG-PEDES": (38.18, 19.70), "RSTPReid": (47.10, 36.68)},

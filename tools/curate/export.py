@@ -1,4 +1,4 @@
-"""Stage 5 — export: the WebPerson formats of DATA_FORMATS.md + a statistics report.
+"""Stage 5 — export: the WebPerson formats of docs/data.md + a statistics report.
 
 Output folder (point ``data.root`` at its parent when it is named ``WebPerson``, or
 at the folder itself, and ``data.annotation`` at one of the annotation files)::

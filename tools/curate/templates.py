@@ -112,7 +112,7 @@ def read_captions(path: str, split: str = "train") -> list[str]:
     """Captions of one benchmark annotation file or a plain text file.
 
     JSON files are lists of image records with ``captions`` and ``split`` (the CUHK-PEDES,
-    ICFG-PEDES and RSTPReid layout, see DATA_FORMATS.md); only records of ``split`` are
+    ICFG-PEDES and RSTPReid layout, see docs/data.md); only records of ``split`` are
     used (``all`` for every record). A ``.txt`` file holds one caption per line.
     """
     if not os.path.isfile(path):
