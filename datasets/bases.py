@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image
 from prettytable import PrettyTable
 
+from utils.errors import UserInputError
+
 logger = logging.getLogger(__name__)
 
 DATASETS: dict[str, type] = {}
@@ -56,7 +58,7 @@ def register_dataset(name: str) -> Callable[[type], type]:
     return decorator
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserInputError, ValueError):
     """A problem with a dataset's files or one of its records.
 
     Args:
@@ -77,7 +79,7 @@ class AnnotationError(ValueError):
         return (type(self), (self.file, self.index, self.message))
 
 
-class ImageReadError(OSError):
+class ImageReadError(UserInputError, OSError):
     """An image that is missing (``missing=True``), truncated or cannot be decoded."""
 
     def __init__(self, path: str, reason: str, missing: bool = False) -> None:

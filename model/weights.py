@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from utils.errors import UserInputError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["IncompatibleWeightsError", "LoadReport", "read_checkpoint", "unwrap_state_dict",
@@ -31,7 +33,7 @@ WRAPPER_KEYS = ("model", "state_dict")
 IGNORED_KEYS = ("base_model.logit_scale",)
 
 
-class IncompatibleWeightsError(RuntimeError):
+class IncompatibleWeightsError(UserInputError, RuntimeError):
     """A checkpoint's keys or shapes do not fit the model."""
 
 

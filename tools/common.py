@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from processor.evaluate import read_metrics
+from utils.errors import UserInputError
 
-__all__ = ["ToolError", "read_records", "run_tool"]
+__all__ = ["DEBUG_ENV", "ToolError", "read_records", "run_tool"]
+
+#: Set to 1 to see the traceback of user-input errors (same as --debug).
+DEBUG_ENV = "GADMS_DEBUG"
 
 
-class ToolError(Exception):
+class ToolError(UserInputError):
     """A user-facing problem (bad argument, missing file); printed as `error: ...`, exit status 2."""
 
 
@@ -25,11 +30,21 @@ def read_records(path: str) -> list[dict[str, Any]]:
 
 def run_tool(run: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | None], Any],
              argv: Sequence[str] | None) -> int:
-    """Parse `argv`, call `run(args)`; a ToolError prints `error: ...` and gives exit status 2."""
-    args = parse_args(argv)
+    """Parse `argv`, call `run(args)` and return its exit status (None counts as 0).
+
+    A `UserInputError` (bad config, annotation, image, checkpoint, argument) prints
+    one `error: ...` line and gives exit status 2; `--debug` (anywhere in `argv`) or
+    `GADMS_DEBUG=1` shows its traceback instead. Other exceptions are bugs and
+    always keep their traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    args = parse_args([a for a in argv if a != "--debug"])
     try:
-        run(args)
-    except ToolError as err:
+        status = run(args)
+    except UserInputError as err:
+        if debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return 0 if status is None else int(status)

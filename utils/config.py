@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from utils.errors import UserInputError
+
 BASE_KEY = "_base_"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SCHEMA = REPO_ROOT / "configs" / "base.yaml"
@@ -30,7 +32,7 @@ DEFAULT_SCHEMA = REPO_ROOT / "configs" / "base.yaml"
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "apply_overrides", "DEFAULT_SCHEMA"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError, ValueError):
     """A configuration file or override is invalid."""
 
 
