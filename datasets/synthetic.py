@@ -15,6 +15,7 @@ Outputs (see :func:`generate`)::
     <out>/WebPerson/images/<dddd>/<index>.jpg   + annotations.json, annotations.jsonl,
                                                   shards/webperson-000000.tar ...
     <out>/meta.json, README.txt                 parameters and counts
+    <out>/.gadms-synthetic                      marks the folder as the generator's (settings)
     <out>/attributes.json                       true attributes per identity / image
     <out>/noise_report.json                     which captions were corrupted and how
 
@@ -50,11 +51,20 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from utils.errors import UserInputError
+
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "ga-dms-synthetic-1"
 BENCHMARK_DIR = "CUHK-PEDES"
 WEBPERSON_DIR = "WebPerson"
+#: File that marks a folder as made by :func:`generate` (JSON: generator version and
+#: settings). Only a new or empty folder, or one carrying it, is written into or cleared.
+MARKER = ".gadms-synthetic"
+
+
+class OutputExistsError(UserInputError, FileExistsError):
+    """An output folder holds something the tool did not make, or a result it may not replace."""
 
 # --------------------------------------------------------------------------- vocabulary
 
@@ -1702,16 +1712,47 @@ def write_shards(
     return paths
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    targets = [out / BENCHMARK_DIR, out / WEBPERSON_DIR]
-    existing = [p for p in targets if p.exists()]
+def check_claimable(folder: Path, marker: str = MARKER, made_by: str = "the synthetic data generator") -> None:
+    """Refuse `folder` unless it is absent, empty, or carries `marker` (a folder we made).
+
+    A tool writes into and clears only folders it made, so pointing it at a folder
+    of the user's own files (e.g. the real data root) can never lose them.
+
+    Raises:
+        OutputExistsError: `folder` is a file, or a non-empty folder without `marker`.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError(f"{folder} is a file, not a folder; choose a new or empty folder")
+    if folder.is_dir() and not (folder / marker).is_file() and any(folder.iterdir()):
+        raise OutputExistsError(
+            f"{folder} is not empty and was not made by {made_by} (it has no {marker} file), so nothing "
+            f"in it is written or removed: choose a new or empty folder, or delete {folder} yourself"
+        )
+
+
+def claim_folder(folder: Path, marker: str, record: dict[str, Any], made_by: str) -> None:
+    """Create `folder` (or accept an empty or marked one) and write `marker` holding `record` as JSON.
+
+    Raises:
+        OutputExistsError: see :func:`check_claimable`.
+    """
+    check_claimable(folder, marker, made_by)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_text(folder / marker, _dump_json(record, indent=2, sort_keys=True))
+
+
+def _prepare_out(out: Path, cfg: SyntheticConfig, overwrite: bool) -> None:
+    check_claimable(out)
+    existing = [p for p in (out / BENCHMARK_DIR, out / WEBPERSON_DIR) if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"synthetic output already exists: {', '.join(map(str, existing))} (pass overwrite=True / --overwrite)"
         )
+    # Marked before anything is written: an interrupted run leaves a folder a rerun may replace.
+    claim_folder(out, MARKER, {"generator": GENERATOR_VERSION, "config": cfg.to_dict()},
+                 "the synthetic data generator")
     for p in existing:
         shutil.rmtree(p)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _noise_entry(info: dict[str, Any], image: str, caption_no: int, split: str, caption: str) -> dict[str, Any]:
@@ -1737,14 +1778,21 @@ def generate(
         out_dir: output root; gets ``CUHK-PEDES/``, ``WebPerson/`` and side files.
         config: sizes, rates and seed (defaults when None).
         workers: rendering processes (does not affect any output byte).
-        overwrite: replace existing ``CUHK-PEDES/`` and ``WebPerson/`` folders.
+        overwrite: replace the ``CUHK-PEDES/`` and ``WebPerson/`` folders of an earlier run.
+
+    ``out_dir`` must be new, empty, or made by an earlier call (it holds :data:`MARKER`,
+    written first): a folder of other files is never written into or cleared.
 
     Returns:
         The counts also written to ``meta.json``.
+
+    Raises:
+        OutputExistsError: ``out_dir`` holds files this generator did not make, or
+            an earlier corpus and ``overwrite`` is False.
     """
     cfg = config or SyntheticConfig()
     out = Path(out_dir)
-    _prepare_out(out, overwrite)
+    _prepare_out(out, cfg, overwrite)
     ext = cfg.image_format
     quality = cfg.jpeg_quality
     n_bench = cfg.identities + cfg.val_ids + cfg.test_ids

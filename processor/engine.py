@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,14 +29,16 @@ from datasets.masking import FIRST_ORDINARY_ID, LAST_ORDINARY_ID
 from datasets.score_cache import ScoreCache
 from model import build_model
 from model.tokenizer import Tokenizer
-from processor.evaluate import append_metrics, build_evaluator
+from model.weights import read_checkpoint
+from processor.evaluate import append_metrics, build_evaluator, supersede_metrics
 from solver.lr_scheduler import build_lr_scheduler
 from solver.optim import build_optimizer
 from utils import comm
-from utils.checkpoint import Checkpointer, GracefulExit, find_resume
-from utils.config import Config, save_config
+from utils.checkpoint import Checkpointer, GracefulExit, check_resume_config, find_resume
+from utils.config import Config, ConfigError, save_config
 from utils.logger import setup_logging
 from utils.meters import MeterDict
+from utils.run_lock import RunDirBusyError, RunDirLock
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={spec!r} but CUDA is not available; use device=cpu or auto")
+        raise ConfigError(f"device={spec!r} but CUDA is not available; use device=cpu or auto")
     return device
 
 
@@ -117,6 +120,9 @@ class Trainer:
         comm.init_distributed()
         self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
         self.run_dir = cfg.output_dir
+        # Nothing in the run folder is written before the resume checks pass and the folder is ours.
+        self._resume_path, self._resume_ckpt = self._check_resume(cfg)
+        self.lock = self._lock_run_dir()
         setup_logging(self.run_dir, rank=self.rank)
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
@@ -172,6 +178,39 @@ class Trainer:
 
     # ----------------------------------------------------------------- setup
     @staticmethod
+    def _check_resume(cfg: Config) -> tuple[str | None, Any]:
+        """The checkpoint to resume and its contents, after checking it fits this config."""
+        path = find_resume(cfg.output_dir, cfg.train.resume)
+        if path is None:
+            if cfg.train.resume == "":
+                taken = sorted(p.name for p in Path(cfg.output_dir).glob("*.pth")) if os.path.isdir(
+                    cfg.output_dir) else []
+                if taken:
+                    raise RunDirBusyError(
+                        f"output_dir {cfg.output_dir} already holds another run's checkpoints ({', '.join(taken)}) "
+                        "and train.resume='' would start over them; resume it (train.resume=auto) or choose "
+                        "another output_dir")
+            return None, None
+        ckpt = read_checkpoint(path, trust=cfg.train.trust_checkpoints)
+        saved = ckpt.get("config") if isinstance(ckpt, Mapping) else None
+        check_resume_config(saved, cfg.to_dict(), path)
+        return path, ckpt
+
+    def _lock_run_dir(self) -> RunDirLock:
+        """Take the run folder (rank 0 holds the lock; every rank fails together)."""
+        lock = RunDirLock(self.run_dir)
+        error = None
+        if comm.is_main_process():
+            try:
+                lock.acquire()
+            except RunDirBusyError as err:
+                error = str(err)
+        error = comm.broadcast_object(error)
+        if error is not None:
+            raise RunDirBusyError(error)
+        return lock
+
+    @staticmethod
     def _dataset_kwargs(cfg: Config) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"skip_bad_records": cfg.data.skip_bad_records}
         if cfg.data.name == "WebPerson" and cfg.data.annotation:
@@ -214,10 +253,11 @@ class Trainer:
         return SummaryWriter(os.path.join(self.run_dir, "tb"))
 
     def _resume(self) -> None:
-        path = find_resume(self.run_dir, self.cfg.train.resume)
+        path, ckpt = self._resume_path, self._resume_ckpt
+        self._resume_ckpt = None  # the checkpoint's tensors are not needed once loaded
         if path is None:
             return
-        meta = self.checkpointer.load(path, resume=True, trust=self.cfg.train.trust_checkpoints)
+        meta = self.checkpointer.load(path, resume=True, trust=self.cfg.train.trust_checkpoints, ckpt=ckpt)
         extra = meta.get("extra") or {}
         self.global_step = int(meta.get("step", 0))
         self.best = dict(meta.get("best_metrics") or {})
@@ -229,6 +269,12 @@ class Trainer:
             self.start_epoch = int(meta["epoch"]) + 1
         logger.info("resumed from %s: epoch %d, step %d%s", path, self.start_epoch, self.global_step,
                     f", skipping {self.skip_batches} consumed batches" if self.skip_batches else "")
+        if comm.is_main_process():
+            # Epochs about to be redone get new records: drop the old ones (one history per run).
+            dropped = supersede_metrics(self.run_dir, self.start_epoch)
+            if dropped:
+                logger.info("metrics.jsonl: %d record(s) of epoch >= %d superseded by this resume",
+                            dropped, self.start_epoch)
 
     # -------------------------------------------------------------- training
     def train(self, until_epoch: int | None = None) -> dict[str, dict[str, Any]]:
@@ -238,6 +284,12 @@ class Trainer:
         position in the epoch), sets `self.stopped` and returns;
         `train.resume=auto` continues from it.
         """
+        try:
+            return self._train(until_epoch)
+        finally:
+            self.lock.release()
+
+    def _train(self, until_epoch: int | None) -> dict[str, dict[str, Any]]:
         cfg = self.cfg
         end = cfg.solver.epochs if until_epoch is None else min(until_epoch, cfg.solver.epochs)
         with GracefulExit() as stop:

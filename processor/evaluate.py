@@ -27,11 +27,12 @@ from datasets.build import ImageDataset, TextDataset
 from datasets.transforms import build_transforms
 from model.tokenizer import Tokenizer
 from utils import comm
+from utils.checkpoint import atomic_write
 from utils.metrics import format_table, rank_metrics_from_features
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Evaluator", "build_evaluator", "append_metrics", "read_metrics", "is_number"]
+__all__ = ["Evaluator", "build_evaluator", "append_metrics", "read_metrics", "supersede_metrics", "is_number"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -158,6 +159,37 @@ def append_metrics(run_dir: str | os.PathLike, record: Mapping[str, Any]) -> Non
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def supersede_metrics(run_dir: str | os.PathLike, from_epoch: int) -> int:
+    """Drop the training and evaluation records of epochs >= `from_epoch` from `metrics.jsonl`.
+
+    Called when a run resumes at `from_epoch`: those epochs are about to be redone
+    and will write new records, so every reader sees one history. Records of
+    other kinds (e.g. `test` from tools/test.py) and lines torn by a crash mid-write
+    are handled too: the first are kept, the second dropped. The file is replaced
+    atomically. Returns the number of lines dropped.
+    """
+    path = os.path.join(os.fspath(run_dir), "metrics.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        redone = record.get("type") in ("train", "eval") and isinstance(record.get("epoch"), int) \
+            and record["epoch"] >= from_epoch
+        if not redone:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        atomic_write(path, lambda f: f.write("".join(kept).encode("utf-8")))
+    return len(lines) - len(kept)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -11,6 +11,11 @@ WebPerson corpus, evaluating direct transfer on the synthetic benchmark each
 epoch; (4) fine-tune with the IRRA recipe; (5) evaluate and print the final
 table; (6) draw figures (GASS token scores, retrieval results, training curves).
 Everything lands in one folder (default runs/demo), which is replaced on each run.
+
+Nothing of yours is lost: the demo replaces only folders it made. --out must be new,
+empty or an earlier demo's output (it holds .gadms-demo); --data must hold matching
+synthetic data (reused), or be new, empty or made by the generator (.gadms-synthetic).
+Any other non-empty folder is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from datasets import build_dataset  # noqa: E402
-from datasets.synthetic import SyntheticConfig, generate  # noqa: E402
+from datasets.synthetic import SyntheticConfig, check_claimable, claim_folder, generate  # noqa: E402
 from model import build_model  # noqa: E402
 from processor.engine import Trainer  # noqa: E402
 from processor.evaluate import build_evaluator  # noqa: E402
 from processor.finetune import FinetuneTask  # noqa: E402
 from processor.pretrain import PretrainTask  # noqa: E402
+from tools.common import run_tool  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 from utils.metrics import format_table  # noqa: E402
@@ -44,6 +50,8 @@ from utils.metrics import format_table  # noqa: E402
 PRETRAIN = REPO / "configs" / "demo" / "tiny_pretrain.yaml"
 FINETUNE = REPO / "configs" / "demo" / "tiny_finetune.yaml"
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+#: Marks an output folder as the demo's: only such a folder (or an empty one) is replaced.
+DEMO_MARKER = ".gadms-demo"
 
 
 @dataclass(frozen=True)
@@ -65,25 +73,37 @@ SIZES = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="demo output folder (replaced)")
-    parser.add_argument("--data", default="data/synthetic", help="synthetic data folder (reused if it matches)")
+    parser.add_argument("--out", default="runs/demo",
+                        help=f"demo output folder, replaced on each run (new, empty or holding {DEMO_MARKER})")
+    parser.add_argument("--data", default="data/synthetic",
+                        help="synthetic data folder: reused if it matches, else generated into "
+                             "(new, empty or made by the generator)")
     parser.add_argument("--small", action="store_true", help="smaller data and fewer epochs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--no-figures", action="store_true", help="skip drawing the PNG figures")
     return parser.parse_args(argv)
 
 
-def ensure_data(root: Path, config: SyntheticConfig) -> None:
-    """Generate the synthetic corpus unless `root` already holds one made with `config`."""
+def data_matches(root: Path, config: SyntheticConfig) -> bool:
+    """Whether `root` already holds a synthetic corpus made with `config` (read only)."""
     meta = root / "meta.json"
-    wanted = json.loads(json.dumps(config.__dict__, default=list))
-    if meta.exists():
-        try:
-            if json.loads(meta.read_text()).get("config") == wanted:
-                print(f"[1/6] synthetic data: reusing {root}")
-                return
-        except (OSError, json.JSONDecodeError):
-            pass
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("config") == config.to_dict()
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def ensure_data(root: Path, config: SyntheticConfig) -> None:
+    """Generate the synthetic corpus unless `root` already holds one made with `config`.
+
+    Raises:
+        datasets.synthetic.OutputExistsError: `root` holds files the generator did not make.
+    """
+    if data_matches(root, config):
+        print(f"[1/6] synthetic data: reusing {root}")
+        return
     print(f"[1/6] synthetic data: generating into {root} ...", flush=True)
     start = time.time()
     counts = generate(root, config, workers=2, overwrite=True)
@@ -139,16 +159,30 @@ def draw_figures(out: Path, data: Path, pretrain_dir: Path, finetune_dir: Path) 
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def prepare_folders(out: Path, data: Path, config: SyntheticConfig, small: bool) -> None:
+    """Replace `out` with an empty, marked demo folder once both folders are known to be ours.
+
+    Raises:
+        datasets.synthetic.OutputExistsError: `out` or `data` holds files the demo did
+            not make; then nothing has been written or removed.
+    """
+    check_claimable(out, DEMO_MARKER, "tools/demo.py")
+    if not data_matches(data, config):
+        check_claimable(data)
+    if out.exists():
+        shutil.rmtree(out)
+    claim_folder(out, DEMO_MARKER, {"tool": "tools/demo.py", "small": small, "seed": config.seed}, "tools/demo.py")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The six demo steps; returns the exit status."""
     size = SIZES["small" if args.small else "full"]
     pre_epochs, fine_epochs = size.pretrain_epochs, size.finetune_epochs
     out, data = Path(args.out), Path(args.data)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    data_config = SyntheticConfig(**size.data, seed=args.seed)
+    prepare_folders(out, data, data_config, args.small)
     start = time.time()
-    ensure_data(data, SyntheticConfig(**size.data, seed=args.seed))
+    ensure_data(data, data_config)
 
     common = [f"data.root={data}", "eval.root=", "train.resume=", *size.overrides]
     pre_cfg = load_config(PRETRAIN, common + [f"output_dir={out / 'pretrain'}", f"solver.epochs={pre_epochs}"])
@@ -193,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in figures:
         print(f"  figure:      {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 Example:
     python tools/make_synthetic.py --out data/synthetic --identities 200 --seed 0 --workers 2
+
+--out must be a new or empty folder, or one this tool made (it holds .gadms-synthetic);
+a folder of other files (e.g. your real data root) is refused, never written into.
 """
 
 from __future__ import annotations
@@ -17,18 +20,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.synthetic import (  # noqa: E402
+    MARKER,
     SyntheticConfig,
+    check_claimable,
     contact_sheet,
     generate,
     render_person,
     sample_identities,
 )
+from tools.common import ToolError, run_tool  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = SyntheticConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output root (gets CUHK-PEDES/, WebPerson/, meta.json, ...)")
+    p.add_argument("--out", required=True,
+                   help=f"output root (gets CUHK-PEDES/, WebPerson/, meta.json, ...): new, empty or made by this "
+                        f"tool ({MARKER})")
     p.add_argument("--identities", type=int, default=d.identities, help="benchmark training identities")
     p.add_argument("--images-per-id", type=int, default=d.images_per_id)
     p.add_argument("--val-ids", type=int, default=d.val_ids)
@@ -49,13 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-format", choices=("jpg", "png"), default=d.image_format)
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--overwrite", action="store_true", help="replace existing CUHK-PEDES/ and WebPerson/ folders")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the CUHK-PEDES/ and WebPerson/ folders of an earlier run of this tool "
+                        "(and an existing --sheet file)")
     p.add_argument("--sheet", default=None, help="also save a contact sheet PNG of 24 sample renders here")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Generate the corpus (and the contact sheet) as `args` says."""
     try:
         cfg = SyntheticConfig(
             identities=args.identities,
@@ -74,14 +84,13 @@ def main(argv: list[str] | None = None) -> int:
             jpeg_quality=args.jpeg_quality,
         )
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise ToolError(str(exc)) from exc
+    # Both refusals come before minutes of rendering, not after.
+    check_claimable(Path(args.out))
+    if args.sheet and Path(args.sheet).exists() and not args.overwrite:
+        raise ToolError(f"--sheet {args.sheet} exists; choose another file name or pass --overwrite to replace it")
     start = time.perf_counter()
-    try:
-        counts = generate(args.out, cfg, workers=max(1, args.workers), overwrite=args.overwrite)
-    except FileExistsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    counts = generate(args.out, cfg, workers=max(1, args.workers), overwrite=args.overwrite)
     elapsed = time.perf_counter() - start
     print(json.dumps(counts, indent=2, sort_keys=True))
     print(f"wrote {args.out} in {elapsed:.1f} s with {max(1, args.workers)} worker(s)")
@@ -91,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         contact_sheet(images, columns=12, scale=3).save(args.sheet)
         print(f"contact sheet: {args.sheet}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(run, parse_args, argv)
 
 
 if __name__ == "__main__":

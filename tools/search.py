@@ -349,7 +349,8 @@ def run(args: argparse.Namespace) -> list[list[Hit]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_tool(run, parse_args, argv)
+    # run() returns the hits for callers in Python; the command's exit status is 0 on success.
+    return run_tool(lambda args: run(args) and None, parse_args, argv)
 
 
 if __name__ == "__main__":

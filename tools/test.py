@@ -25,7 +25,8 @@ from datasets import build_dataset  # noqa: E402
 from processor.engine import resolve_device  # noqa: E402
 from processor.evaluate import append_metrics, build_evaluator  # noqa: E402
 from processor.inference import load_for_evaluation  # noqa: E402
-from utils.config import ConfigError, load_config  # noqa: E402
+from tools.common import ToolError, run_tool  # noqa: E402
+from utils.config import load_config  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 from utils.metrics import format_table  # noqa: E402
 
@@ -41,13 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, list(args.overrides) + ["model.clip.pretrained="])
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, list(args.overrides) + ["model.clip.pretrained="])
     setup_logging(None)
     model = load_for_evaluation(cfg, args.checkpoint, trust=args.trust)
     device = resolve_device(cfg.device)
@@ -62,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         splits[name] = split
     if not splits:
-        print("error: nothing to evaluate (check eval.datasets and --split)", file=sys.stderr)
-        return 2
+        raise ToolError("nothing to evaluate (check eval.datasets and --split)")
     evaluator = build_evaluator(cfg, splits, device)
     start = time.time()
     with torch.inference_mode():
@@ -79,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
                                                 "split": args.split, "task": task,
                                                 **{k: m[k] for k in ("R1", "R5", "R10", "mAP", "mINP")}})
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
     python tools/train.py --config configs/finetune/cuhkpedes.yaml --finetune ckpt.pth [key=value ...]
 
 Under torchrun every process runs this script (see pretrain.sh / finetune.sh).
+Bad input (config, data, checkpoint, a busy run folder) is one `error:` line and
+exit status 2; add --debug (or set GADMS_DEBUG=1) for the traceback.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from processor.engine import Trainer  # noqa: E402
 from processor.finetune import FinetuneTask  # noqa: E402
 from processor.pretrain import PretrainTask  # noqa: E402
+from tools.common import ToolError, run_tool  # noqa: E402
 from utils import comm  # noqa: E402
-from utils.config import ConfigError, load_config  # noqa: E402
+from utils.config import load_config  # noqa: E402
 from utils.metrics import format_table  # noqa: E402
 
 TASKS = {"pretrain": PretrainTask, "finetune": FinetuneTask}
@@ -33,22 +36,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.finetune:
         overrides.append(f"model.finetune={args.finetune}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
     if cfg.task not in TASKS:
-        print(f"error: unknown task {cfg.task!r}; valid: {', '.join(TASKS)}", file=sys.stderr)
-        return 2
-    trainer = Trainer(cfg, TASKS[cfg.task]())
+        raise ToolError(f"unknown task {cfg.task!r}; valid: {', '.join(TASKS)}")
     main_process = comm.is_main_process()  # before cleanup, which makes every process "rank 0"
     try:
+        trainer = Trainer(cfg, TASKS[cfg.task]())
         best = trainer.train()
     finally:
         comm.cleanup()
@@ -59,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(rows))
         print(f"run directory: {trainer.run_dir}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,15 @@ from torch import nn
 
 from model.weights import load_model_weights, read_checkpoint, unwrap_state_dict
 from utils import comm
+from utils.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "FORMAT_VERSION",
+    "SAFE_ON_RESUME",
+    "ResumeConfigError",
+    "check_resume_config",
     "Checkpointer",
     "GracefulExit",
     "atomic_save",
@@ -209,6 +213,46 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+#: Settings a run may change when it resumes: they decide how long to train, where
+#: things are, how often to log/evaluate/save, how fast it runs, or how weights are
+#: first obtained (irrelevant once they come from the checkpoint) — never what is learnt.
+SAFE_ON_RESUME = (
+    "solver.epochs", "log_period", "output_dir", "device", "precision", "deterministic",
+    "data.root", "data.num_workers", "data.test_batch_size", "data.skip_bad_images",
+    "eval.", "train.", "model.clip.cache_dir", "model.clip.pretrained", "model.clip.grad_checkpointing",
+    "model.finetune",
+)
+
+
+class ResumeConfigError(UserInputError):
+    """A run would resume a checkpoint trained with other settings."""
+
+
+def check_resume_config(saved: Mapping | None, current: Mapping | None, path: str) -> None:
+    """Refuse to resume `path` when the run's config changes what it learns.
+
+    Changes to the keys in `SAFE_ON_RESUME` (a trailing dot covers a section) are
+    allowed; they are logged when the checkpoint is loaded.
+
+    Raises:
+        ResumeConfigError: other keys differ (each named with both values).
+    """
+    if not saved or not current:
+        return
+    old, new = _flatten(saved), _flatten(current)
+
+    def safe(key: str) -> bool:
+        return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_ON_RESUME)
+
+    changed = [f"{k}: {old.get(k, '<absent>')!r} in the checkpoint, {new.get(k, '<absent>')!r} now"
+               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not safe(k)]
+    if changed:
+        raise ResumeConfigError(
+            f"cannot resume {path}: the config changes what the run learns ({'; '.join(changed)}). "
+            "Restore these settings, or start the new experiment in another output_dir. "
+            f"Changes allowed on resume: {', '.join(SAFE_ON_RESUME)} (a trailing dot is a whole section)")
 
 
 def _log_config_changes(saved: Mapping | None, current: Mapping | None, path: str) -> None:
@@ -402,7 +446,8 @@ class Checkpointer:
         comm.synchronize()
         return path
 
-    def load(self, path: str | os.PathLike, *, resume: bool = True, trust: bool = False) -> dict[str, Any]:
+    def load(self, path: str | os.PathLike, *, resume: bool = True, trust: bool = False,
+             ckpt: Any = None) -> dict[str, Any]:
         """Restore a checkpoint (collective under DDP: every rank must call it).
 
         Args:
@@ -411,6 +456,7 @@ class Checkpointer:
                 scheduler, scaler, score cache, this rank's RNG); False loads only
                 the model weights (strictly).
             trust: allow files that need full unpickling (reference checkpoints).
+            ckpt: the file's contents when the caller has already read it.
 
         Returns:
             ``epoch``, ``step``, ``best_metrics``, ``extra``, ``num_classes`` and
@@ -422,7 +468,8 @@ class Checkpointer:
                 this codebase, or one missing the optimizer/scheduler state this run needs.
         """
         path = os.fspath(path)
-        ckpt = read_checkpoint(path, trust=trust)
+        if ckpt is None:
+            ckpt = read_checkpoint(path, trust=trust)
         version = ckpt.get("format_version") if isinstance(ckpt, Mapping) else None
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise ValueError(f"{path}: checkpoint format_version {version} is newer than this code "

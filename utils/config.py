@@ -10,6 +10,11 @@ never silently falls back to a default.
 
 A mapping declared in the schema as an empty mapping (`{}`) is free-form: any
 keys may be set beneath it.
+
+Once resolved, every value is checked against its range and the relations
+between keys (`utils.config_checks`): a learning rate of 0 or a caption length
+of 2 is a ConfigError naming the key, the value, the file or override that set
+it and what is allowed, never a silently useless run.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ from typing import Any
 
 import yaml
 
+from utils.config_checks import config_violations, gass_depth_violation
 from utils.errors import UserInputError
 
 BASE_KEY = "_base_"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SCHEMA = REPO_ROOT / "configs" / "base.yaml"
 
-__all__ = ["Config", "ConfigError", "load_config", "save_config", "apply_overrides", "DEFAULT_SCHEMA"]
+__all__ = ["Config", "ConfigError", "load_config", "save_config", "apply_overrides", "check_config",
+           "check_gass_depth", "DEFAULT_SCHEMA"]
 
 
 class ConfigError(UserInputError, ValueError):
@@ -182,8 +189,12 @@ def _unknown_key_hint(path: str, root: dict) -> str:
     return f"; did you mean {', '.join(repr(n) for n in names)}?" if names else ""
 
 
-def _merge(dst: dict, src: dict, schema: dict, source: str, root: dict, prefix: str = "") -> None:
-    """Merge `src` into `dst` in place, validating keys and types against `schema`."""
+def _merge(dst: dict, src: dict, schema: dict, source: str, root: dict, prefix: str = "",
+           origins: dict[str, str] | None = None) -> None:
+    """Merge `src` into `dst` in place, validating keys and types against `schema`.
+
+    `origins` (when given) records `source` as where each leaf key was set.
+    """
     for key, value in src.items():
         path = f"{prefix}{key}"
         if key == BASE_KEY:
@@ -195,12 +206,15 @@ def _merge(dst: dict, src: dict, schema: dict, source: str, root: dict, prefix: 
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {path!r} must be a mapping, got {value!r}")
             dst.setdefault(key, {})
-            _merge(dst[key], value, default, source, root, path + ".")
+            _merge(dst[key], value, default, source, root, path + ".", origins)
+            continue
         elif isinstance(default, dict):
             # Free-form mapping: keys are the user's own.
             dst[key] = _deep_update(copy.deepcopy(dst.get(key) or {}), _coerce(value, default, f"{source}: {path}"))
         else:
             dst[key] = _coerce(value, default, f"{source}: {path}")
+        if origins is not None:
+            origins[path] = source
 
 
 def _deep_update(dst: dict, src: dict) -> dict:
@@ -212,8 +226,12 @@ def _deep_update(dst: dict, src: dict) -> dict:
     return dst
 
 
-def _resolve_file(path: Path, schema: dict, stack: tuple[Path, ...]) -> dict:
-    """Read one file with its `_base_` chain; returns the merged overrides (not defaults)."""
+def _resolve_file(path: Path, schema: dict, stack: tuple[Path, ...], origins: dict[str, str] | None = None) -> dict:
+    """Read one file with its `_base_` chain; returns the merged overrides (not defaults).
+
+    Files are read in order of precedence, so the last source `origins` records for a key is
+    the one whose value wins.
+    """
     path = path.resolve()
     if path in stack:
         chain = " -> ".join(str(p) for p in stack + (path,))
@@ -229,9 +247,9 @@ def _resolve_file(path: Path, schema: dict, stack: tuple[Path, ...]) -> dict:
         base_path = Path(os.path.expanduser(base))
         if not base_path.is_absolute():
             base_path = path.parent / base_path
-        _deep_update(merged, _resolve_file(base_path, schema, stack + (path,)))
+        _deep_update(merged, _resolve_file(base_path, schema, stack + (path,), origins))
     validated: dict = {}
-    _merge(validated, data, schema, str(path), schema)
+    _merge(validated, data, schema, str(path), schema, origins=origins)
     return _deep_update(merged, validated)
 
 
@@ -247,8 +265,13 @@ def _load_schema(schema_path: Path) -> dict:
     return _SCHEMA_CACHE[schema_path]
 
 
-def apply_overrides(cfg: Config, overrides: Iterable[str], schema: dict | None = None) -> Config:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to `cfg` in place."""
+def apply_overrides(cfg: Config, overrides: Iterable[str], schema: dict | None = None, *,
+                    origins: dict[str, str] | None = None) -> Config:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to `cfg` in place.
+
+    Keys and types are checked; ranges are not (one override may need the next one to
+    become consistent): call `check_config` on the result.
+    """
     schema = schema if schema is not None else _load_schema(DEFAULT_SCHEMA)
     for item in overrides:
         if "=" not in item:
@@ -265,7 +288,7 @@ def apply_overrides(cfg: Config, overrides: Iterable[str], schema: dict | None =
         for part in reversed(dotted.split(".")):
             nested = {part: nested}
         update: dict = {}
-        _merge(update, nested, schema, f"override {item!r}", schema)
+        _merge(update, nested, schema, f"override {item!r}", schema, origins=origins)
         merged = _deep_update(cfg.to_dict(), update)
         cfg.clear()
         for key, val in merged.items():
@@ -286,15 +309,47 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), *
         The fully resolved configuration (defaults + chain + overrides).
 
     Raises:
-        ConfigError: unknown keys, wrong types, missing files, bad YAML.
+        ConfigError: unknown keys, wrong types, values out of range or inconsistent
+            with each other, missing files, bad YAML.
     """
     schema = _load_schema(Path(schema_path).resolve() if schema_path else DEFAULT_SCHEMA)
     resolved = copy.deepcopy(schema)
+    origins: dict[str, str] = {}
     if path is not None:
-        _deep_update(resolved, _resolve_file(Path(path), schema, ()))
+        _deep_update(resolved, _resolve_file(Path(path), schema, (), origins))
     cfg = Config(resolved)
-    apply_overrides(cfg, overrides, schema)
+    apply_overrides(cfg, overrides, schema, origins=origins)
+    check_config(cfg, origins)
     return cfg
+
+
+def check_config(cfg: Config, origins: dict[str, str] | None = None) -> None:
+    """Check every value's range and the relations between keys (`utils.config_checks`).
+
+    Args:
+        cfg: A resolved config.
+        origins: Dotted key -> file or override that set it, named in the message.
+
+    Raises:
+        ConfigError: listing every violation, each with its key, value and allowed range.
+    """
+    problems = config_violations(cfg, origins)
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def check_gass_depth(cfg: Config, text_layers: int) -> None:
+    """Check `gass.num_layers` against the text depth of the backbone the model was built with.
+
+    The depth depends on the CLIP preset or checkpoint, which `load_config` does not read,
+    so the model builder calls this once it knows it.
+
+    Raises:
+        ConfigError: GASS scoring is on and `gass.num_layers` is not in ``[1, text_layers]``.
+    """
+    problem = gass_depth_violation(cfg, text_layers)
+    if problem:
+        raise ConfigError(problem)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
