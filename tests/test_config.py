@@ -26,24 +26,24 @@ def test_defaults_are_the_schema():
 
 
 def test_base_chain_relative_paths_and_lists(tmp_path):
-    write(tmp_path / "a" / "root.yaml", {"solver": {"lr": 0.5, "epochs": 3}, "seed": 7})
-    write(tmp_path / "a" / "other.yaml", {"solver": {"epochs": 4}, "data": {"batch_size": 9}})
+    write(tmp_path / "a" / "root.yaml", {"solver": {"lr": 0.5, "epochs": 8}, "seed": 7})
+    write(tmp_path / "a" / "other.yaml", {"solver": {"epochs": 9}, "data": {"batch_size": 9}})
     write(tmp_path / "b" / "mid.yaml", {"_base_": ["../a/root.yaml", "../a/other.yaml"], "seed": 8})
     leaf = write(tmp_path / "b" / "c" / "leaf.yaml", {"_base_": "../mid.yaml", "solver": {"lr": 0.25}})
     cfg = load_config(leaf)
     assert cfg.solver.lr == 0.25          # leaf wins
-    assert cfg.solver.epochs == 4         # later base wins over earlier base
+    assert cfg.solver.epochs == 9         # later base wins over earlier base
     assert cfg.seed == 8                  # mid wins over its bases
     assert cfg.data.batch_size == 9
     assert cfg.data.num_workers == 8      # untouched default
 
 
 def test_overrides_are_typed(tmp_path):
-    cfg = load_config(None, ["solver.lr=1e-4", "solver.epochs=3", "model.clip.image_size=[64, 32]",
+    cfg = load_config(None, ["solver.lr=1e-4", "solver.epochs=7", "model.clip.image_size=[64, 32]",
                              "data.img_aug=false", "model.clip.pretrained=", "eval.datasets=[CUHK-PEDES]",
                              "solver.warmup_factor=1"])
     assert isinstance(cfg.solver.lr, float) and cfg.solver.lr == pytest.approx(1e-4)
-    assert cfg.solver.epochs == 3
+    assert cfg.solver.epochs == 7
     assert cfg.model.clip.image_size == [64, 32]
     assert cfg.data.img_aug is False
     assert cfg.model.clip.pretrained == ""
