@@ -50,6 +50,7 @@ from tools.common import ToolError  # noqa: E402
 from tools.visualize_gass import CaptionSource, corrupted_positions, load_noise_report, match_noise_entries  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.config import load_config  # noqa: E402
+from utils.errors import UserInputError  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 
 CONFIG = REPO / "configs" / "demo" / "tiny_pretrain.yaml"
@@ -239,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.setdefault(name, []).append(result)
                 print(f"         R1 {result['R1']:.1f}  mAP {result['mAP']:.1f}  noise AUC "
                       f"{result['noise_auc']:.3f}  (best epoch {result['best_epoch']})", flush=True)
-    except ToolError as err:
+    except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:

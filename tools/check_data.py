@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets import DATASETS, AnnotationError, ImageReadError, TextReIDDataset, verify_image  # noqa: E402
+from tools.common import ToolError, run_tool  # noqa: E402
 
 MAX_LISTED = 20
 
@@ -116,16 +117,14 @@ def check_dataset(name: str, args: argparse.Namespace) -> tuple[list[str], list[
     return problems, dataset.warnings
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Check every dataset; 0 when all pass, 1 when the report lists problems."""
     if not os.path.isdir(args.root):
-        print(f"ERROR: --root {args.root} is not a folder", file=sys.stderr)
-        return 1
+        raise ToolError(f"--root {args.root} is not a folder")
     names = args.name or detect_datasets(args.root)
     if not names:
         layout = ", ".join(sorted(cls.dataset_dir for cls in DATASETS.values()))
-        print(f"ERROR: no dataset folder found under {args.root} (expected one of: {layout})", file=sys.stderr)
-        return 1
+        raise ToolError(f"no dataset folder found under {args.root} (expected one of: {layout})")
     report = {name: check_dataset(name, args) for name in names}
     failed = {name: problems for name, (problems, _) in report.items() if problems}
     num_warnings = sum(len(warnings) for _, warnings in report.values())
@@ -139,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}", file=sys.stderr)
     print(f"FAILED: {', '.join(failed)} ({sum(len(p) for p in failed.values())} problem line(s))", file=sys.stderr)
     return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(run, parse_args, argv)
 
 
 if __name__ == "__main__":

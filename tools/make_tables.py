@@ -31,7 +31,7 @@ import yaml  # noqa: E402
 from prettytable import PrettyTable  # noqa: E402
 
 from processor.evaluate import is_number  # noqa: E402
-from tools.common import ToolError, read_records  # noqa: E402
+from tools.common import ToolError, read_records, run_tool  # noqa: E402
 
 BENCHMARKS = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid")
 FINETUNE_METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -228,13 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        runs = [collect_run(run, args.task) for run in args.runs]
-    except ToolError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    runs = [collect_run(run, args.task) for run in args.runs]
     text = render(runs, args.format)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -243,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(text, end="")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from PIL import Image  # noqa: E402
 
 from processor.evaluate import is_number  # noqa: E402
-from tools.common import ToolError, read_records  # noqa: E402
+from tools.common import ToolError, read_records, run_tool  # noqa: E402
 from utils.visualize import SERIES_COLOURS, WHITE, Series, draw_line_chart, load_font, save_png  # noqa: E402
 
 #: Smallest figure whose three panels still fit their labels (width, height).
@@ -107,22 +107,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        if not os.path.isdir(args.run):
-            raise ToolError(f"run directory {args.run} not found")
-        size = parse_size(args.size)
-        curves = collect_curves(read_records(os.path.join(args.run, "metrics.jsonl")))
-    except ToolError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.run):
+        raise ToolError(f"run directory {args.run} not found")
+    size = parse_size(args.size)
+    curves = collect_curves(read_records(os.path.join(args.run, "metrics.jsonl")))
     name = os.path.basename(os.path.normpath(args.run))
     out = args.out or os.path.join(args.run, "curves.png")
     save_png(render(curves, size, name), out)
     epochs = sorted({e for points in curves["loss"].values() for e in points})
     print(f"{len(epochs)} training epoch(s), {len(curves['R1'])} evaluated set(s); saved {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(run, parse_args, argv)
 
 
 if __name__ == "__main__":
