@@ -43,6 +43,9 @@ TAR_SEPARATOR = "::"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 #: At most this many skipped-record errors are kept for reporting (the count is exact).
 MAX_KEPT_PROBLEMS = 1000
+#: Identity ids are stored as int64; any value in this range is accepted, negative ones too
+#: (ids are labels: training remaps them to 0..K-1 and evaluation only compares them).
+ID_RANGE = (-(2**63), 2**63 - 1)
 
 
 def register_dataset(name: str) -> Callable[[type], type]:
@@ -406,6 +409,9 @@ def load_json_file(path: str) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise AnnotationError(path, None, f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    except ValueError as e:
+        # Python refuses to parse integers of more than 4300 digits (sys.int_info.default_max_str_digits).
+        raise AnnotationError(path, None, f"malformed JSON: {e}") from e
     except UnicodeDecodeError as e:
         raise AnnotationError(path, None, f"not valid UTF-8 text (byte {e.start}): {e.reason}") from e
     except OSError as e:
@@ -416,6 +422,19 @@ def type_name(value: Any) -> str:
     """JSON-ish name of a value's type for error messages."""
     return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null",
             int: "integer", float: "number"}.get(type(value), type(value).__name__)
+
+
+def check_id(value: Any, file: str, index: int, what: str = "'id'") -> int:
+    """Return ``value`` if it is an integer that fits in int64, else raise AnnotationError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AnnotationError(file, index, f"{what} must be an integer, got {type_name(value)} {value!r:.40}")
+    low, high = ID_RANGE
+    if not low <= value <= high:
+        digits = str(value)
+        shown = digits if len(digits) <= 40 else f"{digits[:20]}...({len(digits)} digits)"
+        raise AnnotationError(file, index, f"{what} {shown} does not fit in a 64-bit integer "
+                              f"(allowed: {low}..{high})")
+    return value
 
 
 def check_caption(value: Any, file: str, index: int, what: str) -> str:
@@ -524,9 +543,7 @@ class PedesJsonDataset(TextReIDDataset):
         for key in self._required_keys():
             if key not in raw:
                 raise AnnotationError(file, index, f"missing key {key!r} (keys present: {sorted(raw)})")
-        pid, path, captions = raw["id"], raw[self.path_key], raw["captions"]
-        if isinstance(pid, bool) or not isinstance(pid, int):
-            raise AnnotationError(file, index, f"'id' must be an integer, got {type_name(pid)} {pid!r:.40}")
+        pid, path, captions = check_id(raw["id"], file, index), raw[self.path_key], raw["captions"]
         split = self._record_split(raw, pid, index)
         if not isinstance(path, str) or not path.strip():
             raise AnnotationError(file, index, f"{self.path_key!r} must be a non-empty string, got {path!r:.60}")

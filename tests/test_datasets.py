@@ -216,6 +216,50 @@ def test_skip_bad_records_counts(tmp_path):
     assert "2 bad record(s) skipped" in ds.show_statistics()
 
 
+@pytest.mark.parametrize("name", list(LAYOUT))
+@pytest.mark.parametrize("pid, shown", [
+    (10**30, "1000000000000000000000000000000"),
+    (-(10**30), "-1000000000000000000000000000000"),
+    (2**63, "9223372036854775808"),
+    (-(2**63) - 1, "-9223372036854775809"),
+    (10**100, "10000000000000000000...(101 digits)"),
+])
+def test_id_too_large_for_int64_names_file_and_record(tmp_path, name, pid, shown):
+    folder, annotation, path_key = LAYOUT[name]
+    records = [dict(GOOD, file_path=KeyError), dict(GOOD, id=pid, split="test")]
+    for k, record in enumerate(records):
+        record.pop("file_path")
+        record[path_key] = f"CUHK01/{'ab'[k]}.png"
+    path = write_pedes(tmp_path, name, raw=json.dumps(records))
+    with pytest.raises(AnnotationError) as info:
+        DATASETS[name](str(tmp_path))
+    assert str(info.value) == (f"{path}: record 1: 'id' {shown} does not fit in a 64-bit integer "
+                               f"(allowed: -9223372036854775808..9223372036854775807)")
+    # Skipping bad records drops it and loads the rest.
+    ds = DATASETS[name](str(tmp_path), skip_bad_records=True)
+    assert ds.num_skipped == 1 and ds.skipped[0].index == 1
+
+
+def test_ids_at_the_int64_limits_and_negative_ids_are_accepted(tmp_path):
+    # Ids are labels: training remaps them to 0..K-1 and evaluation only compares them.
+    low, high = -(2**63), 2**63 - 1
+    records = [("train", high, "a.png", ["a"]), ("train", -5, "b.png", ["b"]), ("train", high, "c.png", ["c"]),
+               ("test", low, "d.png", ["d"]), ("test", -1, "e.png", ["e"]), ("val", 0, "f.png", ["f"])]
+    write_pedes(tmp_path, records=records)
+    ds = CUHKPEDES(str(tmp_path))
+    np.testing.assert_array_equal(ds.train.pids, [1, 0, 1])
+    np.testing.assert_array_equal(ds.test.image_pids, [low, -1])
+    np.testing.assert_array_equal(ds.test.caption_pids, [low, -1])
+
+
+def test_integer_with_too_many_digits_for_python_is_an_annotation_error(tmp_path):
+    path = write_pedes(tmp_path, raw='[{"split": "train", "captions": ["a"], "file_path": "a.png", "id": '
+                                    + "9" * 5000 + "}]")
+    with pytest.raises(AnnotationError, match="malformed JSON: Exceeds the limit") as info:
+        CUHKPEDES(str(tmp_path))
+    assert str(info.value).startswith(f"{path}: ") and info.value.index is None
+
+
 # --------------------------------------------------------------------------- tools/check_data.py
 
 
