@@ -30,7 +30,7 @@ def read_records(path: str) -> list[dict[str, Any]]:
 
 def run_tool(run: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | None], Any],
              argv: Sequence[str] | None) -> int:
-    """Parse `argv`, call `run(args)` and return its exit status (None counts as 0).
+    """Parse `argv`, call `run(args)` and return its exit status (an int it returns, else 0).
 
     A `UserInputError` (bad config, annotation, image, checkpoint, argument) prints
     one `error: ...` line and gives exit status 2; `--debug` (anywhere in `argv`) or
@@ -47,4 +47,4 @@ def run_tool(run: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | No
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0 if status is None else int(status)
+    return status if isinstance(status, int) else 0
