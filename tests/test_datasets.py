@@ -308,7 +308,7 @@ def test_check_data_without_datasets(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("check_data", os.path.join(REPO, "tools", "check_data.py"))
     check_data = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check_data)
-    assert check_data.main(["--root", str(tmp_path)]) == 1
+    assert check_data.main(["--root", str(tmp_path)]) == 2  # a user error: one line, exit status 2
     assert "no dataset folder found" in capsys.readouterr().err
     assert check_data.main(["--root", str(tmp_path), "--name", "RSTPReid"]) == 1
     assert "RSTPReid not found" in capsys.readouterr().err
