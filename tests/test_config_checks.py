@@ -127,40 +127,40 @@ def test_non_finite_missing_and_malformed_values_are_refused(override, shown):
     assert shown in str(info.value)
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["masking.mask_ratio=0.8", "masking.random_ratio=0.3"],
+@pytest.mark.parametrize("good, bad, fragment", [
+    ([["masking.mask_ratio=0.5", "masking.random_ratio=0.5"]],
+     ["masking.mask_ratio=0.8", "masking.random_ratio=0.3"],
      "masking.mask_ratio=0.8 (set in override 'masking.mask_ratio=0.8'), masking.random_ratio=0.3 "
      "(set in override 'masking.random_ratio=0.3'): masking.mask_ratio + masking.random_ratio must be <= 1"),
-    (["data.sampler=identity", "data.batch_size=10", "data.num_instances=4"],
+    ([["data.sampler=identity", "data.batch_size=12", "data.num_instances=3"],
+      ["data.sampler=identity", "data.batch_size=1", "data.num_instances=1"],
+      ["data.sampler=random", "data.batch_size=10", "data.num_instances=4"]],
+     ["data.sampler=identity", "data.batch_size=10", "data.num_instances=4"],
      "data.batch_size=10 (set in override 'data.batch_size=10'), data.num_instances=4 (set in override "
      "'data.num_instances=4'): with data.sampler='identity', data.batch_size must be a multiple of "
      "data.num_instances"),
-    (["solver.epochs=5", "solver.warmup_epochs=5"],
+    ([["solver.epochs=1", "solver.warmup_epochs=0"], ["solver.epochs=6", "solver.warmup_epochs=5"]],
+     ["solver.epochs=5", "solver.warmup_epochs=5"],
      "solver.epochs must exceed solver.warmup_epochs"),
-    (["solver.epochs=3"], "solver.epochs=3 (set in override 'solver.epochs=3'), solver.warmup_epochs=5: "),
-    (["solver.lr=1e-5", "solver.target_lr=1e-4"], "solver.target_lr must not exceed solver.lr"),
+    ([["solver.epochs=6"]],
+     ["solver.epochs=3"],
+     "solver.epochs=3 (set in override 'solver.epochs=3'), solver.warmup_epochs=5: "),
+    ([["solver.lr=1e-5", "solver.target_lr=1e-5"]],
+     ["solver.lr=1e-5", "solver.target_lr=1e-4"],
+     "solver.target_lr must not exceed solver.lr"),
 ])
-def test_relations_name_every_key_and_value(overrides, fragment):
-    with pytest.raises(ConfigError) as info:
+def test_relations_accept_their_boundary_and_name_every_key_and_value(good, bad, fragment):
+    for overrides in good:
         load_config(None, overrides)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, bad)
     assert fragment in str(info.value)
-
-
-@pytest.mark.parametrize("overrides", [
-    ["masking.mask_ratio=0.5", "masking.random_ratio=0.5"],
-    ["data.sampler=identity", "data.batch_size=12", "data.num_instances=3"],
-    ["data.sampler=identity", "data.batch_size=1", "data.num_instances=1"],
-    ["data.sampler=random", "data.batch_size=10", "data.num_instances=4"],
-    ["solver.epochs=1", "solver.warmup_epochs=0"],
-    ["solver.epochs=6", "solver.warmup_epochs=5"],
-    ["solver.lr=1e-5", "solver.target_lr=1e-5"],
-])
-def test_relations_accept_their_boundary(overrides):
-    load_config(None, overrides)
 
 
 def test_overrides_are_checked_together_not_one_by_one():
     # epochs=1 alone contradicts the file's warmup_epochs=1; the next override makes it consistent.
+    with pytest.raises(ConfigError, match="solver.epochs must exceed solver.warmup_epochs"):
+        load_config(TINY_PRETRAIN, ["solver.epochs=1"])
     cfg = load_config(TINY_PRETRAIN, ["solver.epochs=1", "solver.warmup_epochs=0"])
     assert (cfg.solver.epochs, cfg.solver.warmup_epochs) == (1, 0)
 

@@ -250,6 +250,11 @@ def test_ids_at_the_int64_limits_and_negative_ids_are_accepted(tmp_path):
     np.testing.assert_array_equal(ds.train.pids, [1, 0, 1])
     np.testing.assert_array_equal(ds.test.image_pids, [low, -1])
     np.testing.assert_array_equal(ds.test.caption_pids, [low, -1])
+    # One past the limit is refused.
+    records[3] = ("test", low - 1, "d.png", ["d"])
+    write_pedes(tmp_path / "over", records=records)
+    with pytest.raises(AnnotationError, match="record 3: 'id' -9223372036854775809 does not fit"):
+        CUHKPEDES(str(tmp_path / "over"))
 
 
 def test_integer_with_too_many_digits_for_python_is_an_annotation_error(tmp_path):

@@ -1,11 +1,24 @@
 """The retrieval model: losses, gradients, reference state-dict layout, checkpoint loading."""
 
+import os
+import pickle
+import random
+import zipfile
+
 import pytest
 import torch
 
 from model.build import build_model
-from model.weights import IncompatibleWeightsError, load_model_weights, load_pretrained, read_checkpoint
+from model.weights import (
+    CheckpointNotFoundError,
+    CheckpointReadError,
+    IncompatibleWeightsError,
+    load_model_weights,
+    load_pretrained,
+    read_checkpoint,
+)
 from utils.config import load_config
+from utils.errors import UserInputError
 
 SOT, EOT, MASK = 49406, 49407, 49405
 TINY = ["model.clip.arch=tiny", "model.clip.pretrained=", "model.clip.image_size=[64, 32]",
@@ -116,6 +129,80 @@ def test_untrusted_pickle_is_refused(tmp_path):
     assert isinstance(read_checkpoint(path, trust=True)["obj"], _Arbitrary)
     with pytest.raises(FileNotFoundError):
         read_checkpoint(tmp_path / "missing.pth")
+
+
+class _RunsCommand:
+    """Unpickling this runs a shell command: what a malicious checkpoint does."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _zip_without_torch_records(path):
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "hello")
+
+
+@pytest.mark.parametrize("trust", [False, True])
+@pytest.mark.parametrize("write, what", [
+    (lambda p: p.write_bytes(random.Random(0).randbytes(4096)), "(unrecognised content starting with b'"),
+    (lambda p: p.write_bytes(b""), "(the file is empty)"),
+    (lambda p: p.write_text("model weights: see the README\n"), "(it is text, starting 'model weights: see"),
+    (_zip_without_torch_records, "(a zip archive without the data.pkl record of torch.save, holding notes.txt)"),
+    (lambda p: p.write_bytes(pickle.dumps({"w": [1.0]})), "(a Python pickle, but not in torch.save's format)"),
+])
+def test_a_file_that_is_no_checkpoint_says_so(tmp_path, write, what, trust):
+    path = tmp_path / "model.pth"
+    write(path)
+    with pytest.raises(CheckpointReadError) as info:
+        read_checkpoint(path, trust=trust)
+    msg = str(info.value)
+    assert msg.startswith(f"{path} is not a PyTorch checkpoint {what}") and "trust" not in msg
+    assert isinstance(info.value, UserInputError) and isinstance(info.value, RuntimeError)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_truncated_checkpoint_is_corrupt_not_untrusted(tmp_path, legacy):
+    whole = tmp_path / "whole.pth"
+    torch.save({"model": build_model(tiny_cfg(), num_classes=0).state_dict()}, whole,
+               _use_new_zipfile_serialization=not legacy)
+    assert "model" in read_checkpoint(whole)
+    data = whole.read_bytes()
+    for cut in (len(data) // 2, 100, len(data) - 10):
+        path = tmp_path / f"cut{cut}.pth"
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointReadError) as info:
+            read_checkpoint(path, trust=True)
+        assert str(info.value).startswith(f"cannot read checkpoint {path}: truncated or corrupt ("), cut
+
+
+def test_malicious_pickle_never_runs_without_trust(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = _RunsCommand(f"touch {marker}")
+    bare = tmp_path / "bare.pth"
+    bare.write_bytes(pickle.dumps(evil))
+    for trust in (False, True):  # a bare pickle is no checkpoint: never unpickled, even when trusted
+        with pytest.raises(CheckpointReadError, match="is not a PyTorch checkpoint"):
+            read_checkpoint(bare, trust=trust)
+    saved = tmp_path / "saved.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "hook": evil}, saved)
+    with pytest.raises(CheckpointReadError) as info:
+        read_checkpoint(saved)
+    msg = str(info.value)
+    assert msg.startswith(f"{saved} contains objects that need arbitrary unpickling")
+    assert "train.trust_checkpoints=true" in msg and "system" in msg
+    assert not marker.exists()
+
+
+def test_missing_checkpoint_is_a_user_error_and_file_not_found(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="checkpoint not found") as info:
+        read_checkpoint(tmp_path / "missing.pth")
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, UserInputError)
+    with pytest.raises(CheckpointNotFoundError, match="is a directory"):
+        read_checkpoint(tmp_path)
 
 
 def test_text_features_ignore_trailing_padding():
