@@ -8,8 +8,11 @@
 
 The config defaults to the `config.yaml` next to the checkpoint. Gallery
 features are cached on disk (`--cache-dir`, default `<checkpoint dir>/gallery_cache/`),
-keyed by the checkpoint (path, mtime, size), the gallery file list, the image
-size and the backbone config, so repeated searches only embed the queries.
+keyed by the checkpoint (path, size, mtime), the gallery files (paths, sizes,
+mtimes), the image size and the backbone config, so repeated searches only embed
+the queries. A cache that no longer matches (an image replaced in place, a
+rewritten checkpoint) or cannot be read is recomputed, with one line on stderr
+saying why, and replaced atomically.
 
 The loading and embedding helpers here are shared by the visualisation tools.
 """
@@ -21,7 +24,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,17 +38,18 @@ from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from datasets import TextReIDDataset, build_dataset  # noqa: E402
-from datasets.bases import IMAGE_EXTENSIONS, ImageReadError, open_image  # noqa: E402
+from datasets.bases import IMAGE_EXTENSIONS, TAR_SEPARATOR, ImageReadError, open_image  # noqa: E402
 from datasets.build import ImageDataset  # noqa: E402
 from datasets.transforms import build_transforms  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from processor.engine import resolve_device  # noqa: E402
 from processor.inference import load_for_evaluation  # noqa: E402
 from tools.common import ToolError, run_tool  # noqa: E402
+from utils.checkpoint import atomic_write  # noqa: E402
 from utils.config import Config, ConfigError, load_config  # noqa: E402
 from utils.visualize import BLACK, GREY, WHITE, fit_thumbnail, load_font, save_png, text_size, wrap_text  # noqa: E402
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed by the gallery files' sizes and mtimes too
 SPLITS = ("test", "val", "train")
 
 
@@ -162,16 +165,76 @@ def dataset_gallery(name: str, root: str, split: str, annotation: str | None = N
 # --------------------------------------------------------------------------- gallery cache
 
 
-def gallery_cache_key(checkpoint: str, paths: list[str], image_size: tuple[int, int], model_cfg: dict) -> str:
-    """Hex digest identifying gallery features: checkpoint (path, mtime, size), files, image size, backbone."""
+def checkpoint_stamp(checkpoint: str) -> dict[str, Any]:
+    """The checkpoint's identity: real path, size and mtime (hashing the weights would cost a full read)."""
     stat = os.stat(checkpoint)
-    digest = hashlib.sha256()
-    header = {"version": CACHE_VERSION, "checkpoint": os.path.realpath(checkpoint), "mtime_ns": stat.st_mtime_ns,
-              "size": stat.st_size, "image_size": list(image_size), "model": model_cfg}
-    digest.update(json.dumps(header, sort_keys=True, default=str).encode())
-    for path in paths:
-        digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
+    return {"path": os.path.realpath(checkpoint), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def file_stamps(paths: list[str]) -> np.ndarray:
+    """(size, mtime_ns) per gallery image [N, 2]; a tar member counts as its shard; (-1, -1) if missing."""
+    seen: dict[str, tuple[int, int]] = {}
+    stamps = np.empty((len(paths), 2), dtype=np.int64)
+    for i, path in enumerate(paths):
+        file = path.split(TAR_SEPARATOR, 1)[0]
+        if file not in seen:
+            try:
+                stat = os.stat(file)
+                seen[file] = (stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                seen[file] = (-1, -1)
+        stamps[i] = seen[file]
+    return stamps
+
+
+def _settings(image_size: tuple[int, int], model_cfg: dict) -> dict[str, Any]:
+    """What besides the weights changes the features."""
+    return {"version": CACHE_VERSION, "image_size": list(image_size), "model": model_cfg}
+
+
+def _encoded_paths(paths: list[str]) -> bytes:
+    # NUL cannot occur in a path, so "ab"+"c" and "a"+"bc" stay distinct.
+    return b"\0".join(p.encode("utf-8", "surrogateescape") for p in paths)
+
+
+def gallery_cache_key(checkpoint: str, paths: list[str], image_size: tuple[int, int], model_cfg: dict,
+                      stamps: np.ndarray | None = None) -> str:
+    """Hex digest of everything the gallery features depend on.
+
+    The checkpoint (path, size, mtime), the image files (paths, sizes, mtimes;
+    `stamps` from :func:`file_stamps`, computed when None), the image size and
+    the backbone config.
+    """
+    header = {"checkpoint": checkpoint_stamp(checkpoint), **_settings(image_size, model_cfg)}
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode())
+    digest.update(_encoded_paths(paths))
+    digest.update(np.ascontiguousarray(file_stamps(paths) if stamps is None else stamps, dtype="<i8").tobytes())
     return digest.hexdigest()
+
+
+def _cache_slot(checkpoint: str, paths: list[str], settings: dict[str, Any]) -> str:
+    """The cache file's name: the key without the sizes and mtimes, so a stale entry is replaced, not kept."""
+    digest = hashlib.sha256(json.dumps([os.path.realpath(checkpoint), settings], sort_keys=True,
+                                       default=str).encode())
+    digest.update(_encoded_paths(paths))
+    return f"gallery-{digest.hexdigest()[:24]}.npz"
+
+
+def _stale_reason(data: Any, checkpoint: dict[str, Any], settings: dict[str, Any], paths: list[str],
+                  stamps: np.ndarray) -> str:
+    """Why a cache entry with a different key no longer matches (for the note on stderr)."""
+    meta = json.loads(str(data["meta"]))
+    if meta.get("checkpoint") != checkpoint:
+        return f"the checkpoint {checkpoint['path']} changed since the cache was built"
+    if meta.get("settings") != settings:
+        return "the image size, backbone config or cache version changed"
+    if data["paths"].tolist() != paths:
+        return "the gallery file list changed"
+    changed = np.flatnonzero((data["stamps"] != stamps).any(axis=1))
+    if len(changed):
+        return (f"{len(changed)} gallery image(s) changed since the cache was built (size or mtime), "
+                f"e.g. {paths[int(changed[0])]}")
+    return "its key does not match"
 
 
 def _plain(value: Any) -> Any:
@@ -179,38 +242,56 @@ def _plain(value: Any) -> Any:
     return {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
+def _read_gallery_cache(cache_file: str, key: str, checkpoint: dict[str, Any], settings: dict[str, Any],
+                        paths: list[str], stamps: np.ndarray) -> torch.Tensor | None:
+    """The cached features when the entry matches `key`; else None, with one stderr line saying why."""
+    if not os.path.isfile(cache_file):
+        return None
+    try:
+        with np.load(cache_file, allow_pickle=False) as data:
+            if str(data["key"]) == key and data["paths"].tolist() == paths:
+                feats = data["feats"].astype(np.float32)
+                if feats.shape[0] == len(paths):
+                    return torch.from_numpy(feats)
+            reason = _stale_reason(data, checkpoint, settings, paths, stamps)
+        print(f"note: gallery cache {cache_file} is stale: {reason}; recomputing it", file=sys.stderr)
+    except Exception as err:
+        # A cache is disposable: whatever is wrong with the file (truncated, torn, not an .npz, odd
+        # contents), recomputing the features is the answer, never a crash.
+        print(f"warning: gallery cache {cache_file} is unreadable ({type(err).__name__}: {err}); recomputing it",
+              file=sys.stderr)
+    return None
+
+
 def gallery_features(model: torch.nn.Module, paths: list[str], *, checkpoint: str, cfg: Config,
                      device: torch.device, cache_dir: str | None,
                      batch_size: int | None = None) -> tuple[torch.Tensor, bool]:
     """Gallery features, from the cache when a matching entry exists; returns (features, from_cache).
 
-    A missing, stale or unreadable cache entry is (re)computed; the write is
-    atomic, so a concurrent reader never sees half a file.
+    A missing, stale or unreadable cache entry is (re)computed and replaced
+    atomically, so a concurrent reader never sees half a file.
     """
     image_size = image_size_of(cfg)
     cache_file = None
     if cache_dir:
-        key = gallery_cache_key(checkpoint, paths, image_size, _plain(dict(cfg.model.clip)))
-        cache_file = os.path.join(cache_dir, f"gallery-{key[:24]}.npz")
-        if os.path.isfile(cache_file):
-            try:
-                with np.load(cache_file, allow_pickle=False) as data:
-                    if str(data["key"]) == key and data["paths"].tolist() == paths:
-                        return torch.from_numpy(data["feats"].astype(np.float32)), True
-            except (OSError, KeyError, ValueError) as err:
-                print(f"warning: ignoring unreadable gallery cache {cache_file}: {err}", file=sys.stderr)
+        model_cfg = _plain(dict(cfg.model.clip))
+        settings, stamps, ckpt = _settings(image_size, model_cfg), file_stamps(paths), checkpoint_stamp(checkpoint)
+        key = gallery_cache_key(checkpoint, paths, image_size, model_cfg, stamps)
+        cache_file = os.path.join(cache_dir, _cache_slot(checkpoint, paths, settings))
+        cached = _read_gallery_cache(cache_file, key, ckpt, settings, paths, stamps)
+        if cached is not None:
+            return cached, True
     try:
         feats = embed_images(model, paths, image_size=image_size, batch_size=batch_size or cfg.data.test_batch_size,
                              device=device, num_workers=cfg.data.num_workers)
     except ImageReadError as err:
         raise ToolError(str(err)) from err
     if cache_file:
+        meta = json.dumps({"checkpoint": ckpt, "settings": settings}, sort_keys=True, default=str)
+        entry = {"feats": feats.numpy(), "paths": np.array(paths), "key": np.array(key), "stamps": stamps,
+                 "meta": np.array(meta)}
         try:
-            os.makedirs(cache_dir, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, feats=feats.numpy(), paths=np.array(paths), key=np.array(key))
-            os.replace(tmp, cache_file)
+            atomic_write(cache_file, lambda f: np.savez(f, **entry))
         except OSError as err:
             print(f"warning: could not write gallery cache in {cache_dir}: {err}", file=sys.stderr)
     return feats, False
@@ -349,8 +430,7 @@ def run(args: argparse.Namespace) -> list[list[Hit]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # run() returns the hits for callers in Python; the command's exit status is 0 on success.
-    return run_tool(lambda args: run(args) and None, parse_args, argv)
+    return run_tool(run, parse_args, argv)
 
 
 if __name__ == "__main__":
