@@ -27,6 +27,7 @@ from utils.checkpoint import (
     Checkpointer,
     GracefulExit,
     atomic_save,
+    atomic_write,
     capture_rng_state,
     find_resume,
     restore_rng_state,
@@ -520,3 +521,15 @@ def test_two_ranks_save_and_restore_their_own_rng(tmp_path):
     state = _load(tmp_path / "last.pth")
     assert len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path):
+    """mkstemp's owner-only mode must not make checkpoints in a shared folder unreadable."""
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.pth", lambda f: f.write(b"x"))
+        with open(tmp_path / "b.pth", "wb") as f:
+            f.write(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pth").stat().st_mode & 0o777 == (tmp_path / "b.pth").stat().st_mode & 0o777 == 0o644

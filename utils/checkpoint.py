@@ -119,6 +119,12 @@ def _remove_stale_temps(target: Path) -> None:
             logger.debug("could not remove stale temp file %s: %s", name, err)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Create or replace `path` with what `write(file)` writes, atomically.
 
@@ -132,6 +138,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     _remove_stale_temps(target)
     fd, tmp_name = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=_TMP_SUFFIX, dir=target.parent)
     try:
+        # mkstemp creates the file owner-only; give it the permissions a plain open() would
+        # (checkpoints in a shared folder stay readable by the group, as the umask says).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
