@@ -23,6 +23,7 @@ from model.clip import CLIP, build_clip_from_config
 from model.gass import css_scores, gass_scores
 from model.heads import CrossModalMLM, build_classifier, build_mlm_modules
 from utils import comm
+from utils.config import check_gass_depth
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +167,11 @@ def build_model(cfg: Any, num_classes: int = 0, *, backbone: CLIP | None = None)
         backbone: A ready CLIP to use instead of building one from `model.clip`.
     """
     loss_names = objectives.parse_loss_names(cfg.model.loss_names)
+    if backbone is None:
+        backbone = build_clip_from_config(cfg.model.clip)
+    check_gass_depth(cfg, backbone.transformer.layers)
     return GADMS(
-        backbone if backbone is not None else build_clip_from_config(cfg.model.clip),
+        backbone,
         loss_names=loss_names,
         loss_weights=dict(cfg.model.loss_weights),
         temperature=cfg.model.temperature,

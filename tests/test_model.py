@@ -212,3 +212,11 @@ def test_text_features_ignore_trailing_padding():
         ours = model.encode_text(ids)
         full = model.base_model.encode_text(ids)[torch.arange(4), ids.argmax(-1)]
     torch.testing.assert_close(ours, full, atol=1e-5, rtol=1e-5)
+
+
+def test_gass_deeper_than_the_text_tower_is_a_config_error():
+    from utils.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"gass.num_layers=5: must be an integer in \[1, 4\]"):
+        build_model(tiny_cfg("gass.num_layers=5"), num_classes=0)
+    assert build_model(tiny_cfg("gass.num_layers=4"), num_classes=0).gass_layers == 4
