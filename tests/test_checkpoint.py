@@ -457,19 +457,18 @@ def test_export_tool_writes_weights_only_release_and_safetensors(tmp_path):
         assert torch.equal(value, release["model"][key]), key
 
 
-
 def test_export_tool_refuses_bad_arguments(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("export_tool", REPO_ROOT / "tools" / "export.py")
     export_tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(export_tool)
     ckpt = tmp_path / "last.pth"
     Checkpointer(tmp_path, model=_Net()).save("last", epoch=0, step=0)
-    assert export_tool.main(["--checkpoint", str(ckpt), "--out", str(ckpt)]) == 1
+    assert export_tool.main(["--checkpoint", str(ckpt), "--out", str(ckpt)]) == 2
     assert "is the checkpoint itself" in capsys.readouterr().err
     assert export_tool.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "r.safetensors"),
-                             "--safetensors"]) == 1
+                             "--safetensors"]) == 2
     assert "name the .pth release" in capsys.readouterr().err
-    assert export_tool.main(["--checkpoint", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "r.pth")]) == 1
+    assert export_tool.main(["--checkpoint", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "r.pth")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["last.pth"]
 
