@@ -226,13 +226,13 @@ def markdown_table(results: dict[str, list[dict[str, float]]], seeds: Sequence[i
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     data = Path(args.data)
-    if not (data / "meta.json").exists():
-        print(f"generating the synthetic data into {data} ...", flush=True)
-        generate(data, SyntheticConfig(), workers=2)
     setup_logging(None, level=logging.WARNING)
     results: dict[str, list[dict[str, float]]] = {}
     start = time.time()
     try:
+        if not (data / "meta.json").exists():
+            print(f"generating the synthetic data into {data} ...", flush=True)
+            generate(data, SyntheticConfig(), workers=2)
         for name in args.variants:
             for seed in args.seeds:
                 print(f"[{time.time() - start:6.0f}s] {name} seed {seed} ...", flush=True)
