@@ -1,6 +1,9 @@
 """Run one group of the fuzz corpus (tests/fuzz_cases.py) in this process.
 
-    python tests/fuzz_runner.py --assets DIR --work DIR --group train [--case NAME ...]
+    python tests/fuzz_runner.py --assets DIR --work DIR --group train
+    python tests/fuzz_runner.py --assets DIR --work DIR --case train.config.lr_zero [NAME ...]
+
+DIR is created (the synthetic corpus) where missing.
 
 Each case runs through its tool's `main(argv)`, exactly what `python tools/<tool>.py`
 runs (main -> run_tool), with stdout and stderr captured; an exception escaping
@@ -74,7 +77,11 @@ def run_case(case: Case, assets: Assets, work: Path) -> dict:
         finally:
             quiet_logging()
         result["argv"] = argv
-        module = load_tool(case.tool)
+        try:
+            module = load_tool(case.tool)
+        except BaseException as exc:  # noqa: BLE001  (a tool that does not even import)
+            result["harness"] = f"tools/{case.tool}.py does not import: {type(exc).__name__}: {exc}"
+            return result
         out, err = io.StringIO(), io.StringIO()
         sys.argv = [str(REPO / "tools" / f"{case.tool}.py"), *argv]
         start = time.perf_counter()
@@ -116,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group", default=None, help="run this group's cases")
     parser.add_argument("--case", nargs="*", default=None, help="run these cases (names)")
     args = parser.parse_args(argv)
+    unknown = [n for n in args.case or () if n not in BY_NAME]
+    if unknown or not (args.case or args.group):
+        parser.error(f"unknown cases {unknown}" if unknown else "give --group or --case")
     os.environ.pop("GADMS_DEBUG", None)
-    assets = Assets(args.assets)
+    assets = Assets.prepare(args.assets)
     cases = [BY_NAME[n] for n in args.case] if args.case else [c for c in CASES if c.group == args.group]
     real_stdout = sys.stdout
     for case in cases:

@@ -123,7 +123,8 @@ def test_fuzz_corpus(fuzz_results):
     timing = ", ".join(f"{g} {fuzz_results[f'<{g}>']['seconds']}s" for g in GROUPS)
     print(f"fuzz corpus: {len(CASES)} cases; group processes: {timing}")
     if failures:
-        pytest.fail(_report(failures) + f"\n(group processes: {timing})", pytrace=False)
+        pytest.fail(_report(failures) + f"\n(group processes: {timing})\nOne case, with its full output: python "
+                    "tests/fuzz_runner.py --assets /tmp/fuzz --work /tmp/fuzz/work --case NAME", pytrace=False)
 
 
 @pytest.mark.parametrize("name", MAIN_PATH_CASES)
