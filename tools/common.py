@@ -45,6 +45,9 @@ def run_tool(run: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | No
     except UserInputError as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        # One line, whatever the message: a grouped key list or a parser's context
+        # lines become clauses of it.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        print(f"error: {'; '.join(lines) or type(err).__name__}", file=sys.stderr)
         return 2
     return status if isinstance(status, int) else 0
