@@ -379,13 +379,22 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+        except (BrokenPipeError, ConnectionResetError):
+            self._done(track)
+            return  # the client gave up (timeout test)
+        # The request stops counting as active *before* its last bytes leave: the client
+        # cannot finish reading (and start its next request) until they have, so the
+        # count can never include a request whose client already moved on.
+        self._done(track)
+        try:
             self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
-            return  # the client gave up (timeout test)
-        finally:
-            if track:
-                with self.backend.lock:
-                    self.backend.active -= 1
+            return
+
+    def _done(self, track: bool) -> None:
+        if track:
+            with self.backend.lock:
+                self.backend.active -= 1
 
     def do_GET(self) -> None:
         name = self.path.rsplit("/", 1)[-1]

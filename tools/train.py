@@ -47,8 +47,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg, TASKS[cfg.task]())
         best = trainer.train()
-    finally:
-        comm.cleanup()
+    except BaseException:
+        comm.cleanup(barrier=False)  # the other ranks may never reach a barrier
+        raise
+    comm.cleanup()
     if main_process:
         if best:
             rows = {f"{name} ({b['split']}, epoch {b['epoch']})": b for name, b in best.items()}

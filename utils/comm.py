@@ -139,9 +139,19 @@ def init_distributed(backend: str | None = None) -> bool:
     return True
 
 
-def cleanup() -> None:
-    """Destroy the default process group if one exists."""
+def cleanup(*, barrier: bool = True) -> None:
+    """Destroy the default process group if one exists.
+
+    Args:
+        barrier: First wait until every rank gets here. Without it, a rank that
+            finished early tears its connections down while a peer may still be
+            completing the last collective with it, which kills that peer (gloo
+            aborts: "terminate called without an active exception"). Pass False
+            when leaving on an error, where the other ranks may never arrive.
+    """
     if is_dist_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 
