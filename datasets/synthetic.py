@@ -52,6 +52,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from utils.errors import UserInputError
+from utils.output_paths import check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -1712,17 +1713,21 @@ def write_shards(
     return paths
 
 
-def check_claimable(folder: Path, marker: str = MARKER, made_by: str = "the synthetic data generator") -> None:
+def check_claimable(folder: Path, marker: str = MARKER, made_by: str = "the synthetic data generator", *,
+                    what: str = "output folder") -> None:
     """Refuse `folder` unless it is absent, empty, or carries `marker` (a folder we made).
 
     A tool writes into and clears only folders it made, so pointing it at a folder
-    of the user's own files (e.g. the real data root) can never lose them.
+    of the user's own files (e.g. the real data root) can never lose them. `what`
+    names the folder in the messages as the user gave it (e.g. ``--out``).
 
     Raises:
         OutputExistsError: `folder` is a file, or a non-empty folder without `marker`.
+        OutputPathError: `folder` cannot be created (a file in its way, no permission).
     """
     if folder.exists() and not folder.is_dir():
-        raise OutputExistsError(f"{folder} is a file, not a folder; choose a new or empty folder")
+        raise OutputExistsError(f"{what} {folder} is a file, not a folder; choose a new or empty folder")
+    check_output_path(folder, what, folder=True)
     if folder.is_dir() and not (folder / marker).is_file() and any(folder.iterdir()):
         raise OutputExistsError(
             f"{folder} is not empty and was not made by {made_by} (it has no {marker} file), so nothing "

@@ -10,7 +10,7 @@ from typing import Any
 from processor.evaluate import read_metrics
 from utils.errors import UserInputError
 
-__all__ = ["DEBUG_ENV", "ToolError", "read_records", "run_tool"]
+__all__ = ["DEBUG_ENV", "ToolError", "one_line", "read_records", "run_tool"]
 
 #: Set to 1 to see the traceback of user-input errors (same as --debug).
 DEBUG_ENV = "GADMS_DEBUG"
@@ -26,6 +26,19 @@ def read_records(path: str) -> list[dict[str, Any]]:
         return read_metrics(path)
     except (FileNotFoundError, ValueError) as err:
         raise ToolError(str(err)) from err
+
+
+def one_line(text: str) -> str:
+    """`text` as one line: a grouped key list or a parser's context lines become clauses of it.
+
+    Lines are joined with '; ', except after a line ending in ':' (a heading such as
+    torch's "Error(s) in loading state_dict for CLIP:"), which its next line continues.
+    """
+    out = ""
+    for line in (raw.strip() for raw in text.splitlines()):
+        if line:
+            out += line if not out else (" " if out.endswith(":") else "; ") + line
+    return out
 
 
 def run_tool(run: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | None], Any],
@@ -45,9 +58,6 @@ def run_tool(run: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | No
     except UserInputError as err:
         if debug:
             raise
-        # One line, whatever the message: a grouped key list or a parser's context
-        # lines become clauses of it.
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        print(f"error: {'; '.join(lines) or type(err).__name__}", file=sys.stderr)
+        print(f"error: {one_line(str(err)) or type(err).__name__}", file=sys.stderr)
         return 2
     return status if isinstance(status, int) else 0

@@ -42,7 +42,7 @@ from processor.engine import Trainer  # noqa: E402
 from processor.evaluate import build_evaluator  # noqa: E402
 from processor.finetune import FinetuneTask  # noqa: E402
 from processor.pretrain import PretrainTask  # noqa: E402
-from tools.common import run_tool  # noqa: E402
+from tools.common import ToolError, run_tool  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 from utils.metrics import format_table  # noqa: E402
@@ -165,10 +165,16 @@ def prepare_folders(out: Path, data: Path, config: SyntheticConfig, small: bool)
     Raises:
         datasets.synthetic.OutputExistsError: `out` or `data` holds files the demo did
             not make; then nothing has been written or removed.
+        ToolError: `out` and `data` are one folder, or one holds the other.
     """
-    check_claimable(out, DEMO_MARKER, "tools/demo.py")
+    out_abs, data_abs = out.resolve(), data.resolve()
+    if out_abs == data_abs or out_abs in data_abs.parents or data_abs in out_abs.parents:
+        # The demo replaces --out on every run, and the generator replaces what it made in --data.
+        raise ToolError(f"--out {out} and --data {data} must be two separate folders, neither inside the other: "
+                        "the demo replaces --out on each run")
+    check_claimable(out, DEMO_MARKER, "tools/demo.py", what="--out")
     if not data_matches(data, config):
-        check_claimable(data)
+        check_claimable(data, what="--data")
     if out.exists():
         shutil.rmtree(out)
     claim_folder(out, DEMO_MARKER, {"tool": "tools/demo.py", "small": small, "seed": config.seed}, "tools/demo.py")

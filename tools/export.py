@@ -38,6 +38,7 @@ from model.weights import IncompatibleWeightsError, load_model_weights, read_che
 from tools.common import ToolError, run_tool  # noqa: E402
 from utils.checkpoint import FORMAT_VERSION, atomic_save, atomic_write, to_weights_only_safe  # noqa: E402
 from utils.config import Config, load_config  # noqa: E402
+from utils.output_paths import unwritable_reason  # noqa: E402
 
 RELEASE_FORMAT = "gadms_release"
 
@@ -60,7 +61,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _check_outputs(checkpoint: Path, outputs: list[Path], overwrite: bool) -> None:
-    """Refuse outputs that are the checkpoint, a folder, or (without `overwrite`) an existing file."""
+    """Refuse outputs that are the checkpoint, a folder, unwritable, or (without `overwrite`) an existing file."""
     for path in outputs:
         if _same_file(path, checkpoint):
             raise ToolError(f"--out {path} is the checkpoint itself; choose another file name")
@@ -69,6 +70,9 @@ def _check_outputs(checkpoint: Path, outputs: list[Path], overwrite: bool) -> No
         if path.exists() and not overwrite:
             raise ToolError(f"{path} exists and is left as it is; choose another --out, or pass --overwrite "
                             "to replace it")
+        reason = unwritable_reason(path)
+        if reason is not None:
+            raise ToolError(f"--out {path} cannot be written: {reason}; choose another path")
 
 
 def _overlay(base: dict, stored: Mapping) -> dict:
@@ -166,16 +170,22 @@ def export(checkpoint: Path, out: Path, *, write_safetensors: bool = False, trus
     release = {"model": state, "config": config, "num_classes": num_classes,
                "format_version": FORMAT_VERSION, "format": RELEASE_FORMAT}
     # Reference checkpoints loaded with --trust may hold odd types in their config.
-    atomic_save(to_weights_only_safe(release, "release"), out)
-    written = [out]
-    if write_safetensors:
-        metadata = {"config": json.dumps(config, sort_keys=True), "num_classes": str(num_classes),
-                    "format_version": str(FORMAT_VERSION), "format": RELEASE_FORMAT}
-        # safetensors refuses tensors that share storage (e.g. tied weights): give each its own.
-        tensors = {k: v.contiguous().clone() for k, v in state.items()}
-        data = safetensors_bytes(tensors, metadata=metadata)
-        atomic_write(st_path, lambda f: f.write(data))
-        written.append(st_path)
+    release = to_weights_only_safe(release, "release")
+    written = []
+    try:
+        atomic_save(release, out)
+        written.append(out)
+        if write_safetensors:
+            metadata = {"config": json.dumps(config, sort_keys=True), "num_classes": str(num_classes),
+                        "format_version": str(FORMAT_VERSION), "format": RELEASE_FORMAT}
+            # safetensors refuses tensors that share storage (e.g. tied weights): give each its own.
+            tensors = {k: v.contiguous().clone() for k, v in state.items()}
+            data = safetensors_bytes(tensors, metadata=metadata)
+            atomic_write(st_path, lambda f: f.write(data))
+            written.append(st_path)
+    except OSError as err:
+        target, done = (st_path, f"only {out} was written") if written else (out, "nothing written")
+        raise ToolError(f"cannot write {target}: {err.strerror or err}; {done}") from err
     params = sum(v.numel() for v in state.values())
     for path in written:
         print(f"wrote {path} ({_megabytes(path)}; {len(state)} tensors, {params:,} values, "

@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from PIL import Image  # noqa: E402
+
 from datasets.synthetic import (  # noqa: E402
     MARKER,
     SyntheticConfig,
@@ -29,6 +31,7 @@ from datasets.synthetic import (  # noqa: E402
     sample_identities,
 )
 from tools.common import ToolError, run_tool  # noqa: E402
+from utils.output_paths import check_output_path  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,10 +88,14 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise ToolError(str(exc)) from exc
-    # Both refusals come before minutes of rendering, not after.
-    check_claimable(Path(args.out))
-    if args.sheet and Path(args.sheet).exists() and not args.overwrite:
-        raise ToolError(f"--sheet {args.sheet} exists; choose another file name or pass --overwrite to replace it")
+    # Every refusal comes before minutes of rendering, not after.
+    check_claimable(Path(args.out), what="--out")
+    if args.sheet:
+        if Path(args.sheet).is_file() and not args.overwrite:
+            raise ToolError(f"--sheet {args.sheet} exists; choose another file name or pass --overwrite to replace it")
+        check_output_path(args.sheet, "--sheet")
+        if Path(args.sheet).suffix.lower() not in Image.registered_extensions():
+            raise ToolError(f"--sheet {args.sheet}: unknown image file extension; name a .png (or .jpg) file")
     start = time.perf_counter()
     counts = generate(args.out, cfg, workers=max(1, args.workers), overwrite=args.overwrite)
     elapsed = time.perf_counter() - start

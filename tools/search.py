@@ -41,16 +41,19 @@ from datasets import TextReIDDataset, build_dataset  # noqa: E402
 from datasets.bases import IMAGE_EXTENSIONS, TAR_SEPARATOR, ImageReadError, open_image  # noqa: E402
 from datasets.build import ImageDataset  # noqa: E402
 from datasets.transforms import build_transforms  # noqa: E402
-from model.tokenizer import Tokenizer  # noqa: E402
+from model.tokenizer import Tokenizer, cleans_to_empty  # noqa: E402
 from processor.engine import resolve_device  # noqa: E402
 from processor.inference import load_for_evaluation  # noqa: E402
 from tools.common import ToolError, run_tool  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.config import Config, ConfigError, load_config  # noqa: E402
+from utils.output_paths import check_output_path  # noqa: E402
 from utils.visualize import BLACK, GREY, WHITE, fit_thumbnail, load_font, save_png, text_size, wrap_text  # noqa: E402
 
 CACHE_VERSION = 2  # 2: keyed by the gallery files' sizes and mtimes too
 SPLITS = ("test", "val", "train")
+#: Allowed --thumb-height (px): a readable thumbnail, and a grid that fits in memory.
+THUMB_HEIGHT_RANGE = (16, 1024)
 
 
 # --------------------------------------------------------------------------- loading (shared by the tools)
@@ -383,14 +386,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> list[list[Hit]]:
-    """Search as the parsed arguments say; prints the results and returns them."""
+def check_arguments(args: argparse.Namespace) -> list[str]:
+    """Refuse bad numbers, empty queries and unwritable outputs before any work; returns the queries.
+
+    Raises:
+        ToolError, OutputPathError: naming the flag and its value.
+    """
     if args.topk < 1:
         raise ToolError(f"--topk must be >= 1, got {args.topk}")
+    low, high = THUMB_HEIGHT_RANGE
+    if not low <= args.thumb_height <= high:
+        raise ToolError(f"--thumb-height must be between {low} and {high} pixels, got {args.thumb_height}")
     queries = [q.strip() for q in args.query]
-    empty = [i + 1 for i, q in enumerate(queries) if not q]
-    if empty:
-        raise ToolError(f"--query number {empty[0]} is empty")
+    for i, query in enumerate(queries):
+        if not query:
+            raise ToolError(f"--query number {i + 1} is empty")
+        if cleans_to_empty(query):
+            raise ToolError(f"--query number {i + 1} ({query!r:.60}) has no text once cleaned for the tokenizer "
+                            "(HTML entities, control characters and whitespace are dropped); write words")
+    for flag, path in (("--json", args.json), ("--grid", args.grid)):
+        if path:
+            check_output_path(path, flag)
+    return queries
+
+
+def run(args: argparse.Namespace) -> list[list[Hit]]:
+    """Search as the parsed arguments say; prints the results and returns them."""
+    queries = check_arguments(args)
     if args.images is not None:
         paths, pids = list_images(args.images), None
     cfg, model, device = load_run_model(args.checkpoint, args.config, args.overrides, trust=args.trust)
@@ -420,8 +442,11 @@ def run(args: argparse.Namespace) -> list[list[Hit]]:
             print(f"  {hit.rank:>4}  {hit.score:7.4f}  {pid:>6}  {hit.path}")
     if args.json:
         records = [{"query": query, "results": [vars(h) for h in row]} for query, row in zip(queries, hits)]
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(records, indent=1), encoding="utf-8")
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(records, indent=1), encoding="utf-8")
+        except OSError as err:
+            raise ToolError(f"cannot write --json {args.json}: {err.strerror or err}") from err
         print(f"results written to {args.json}")
     if args.grid:
         grid = render_grid(queries, hits, thumb_height=args.thumb_height, image_size=image_size_of(cfg))

@@ -50,15 +50,21 @@ def run(args: argparse.Namespace) -> int:
     model.to(device).eval()
 
     root = cfg.eval.root or cfg.data.root
-    splits = {}
+    splits, lacking = {}, []
     for name in cfg.eval.datasets:
-        split = getattr(build_dataset(name, root), args.split, None)
+        dataset = build_dataset(name, root)
+        split = getattr(dataset, args.split, None)
         if split is None:
-            print(f"warning: {name} has no {args.split} split; skipped", file=sys.stderr)
+            has = [s for s in ("val", "test") if getattr(dataset, s, None) is not None]
+            lacking.append(f"{name} has no {args.split} split (it has: {', '.join(has) or 'no evaluation split'})")
+            print(f"warning: {lacking[-1]}; skipped", file=sys.stderr)
             continue
         splits[name] = split
     if not splits:
-        raise ToolError("nothing to evaluate (check eval.datasets and --split)")
+        if not lacking:
+            raise ToolError("nothing to evaluate: eval.datasets is empty; list the benchmarks to evaluate, "
+                            "e.g. eval.datasets=[CUHK-PEDES]")
+        raise ToolError(f"nothing to evaluate: {'; '.join(lacking)}; choose another --split or eval.datasets")
     evaluator = build_evaluator(cfg, splits, device)
     start = time.time()
     with torch.inference_mode():

@@ -20,16 +20,21 @@ import time
 from pathlib import Path
 
 from utils.errors import UserInputError
+from utils.output_paths import unwritable_reason
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOCK_NAME", "RunDirBusyError", "RunDirLock"]
+__all__ = ["LOCK_NAME", "RunDirBusyError", "RunDirLock", "RunDirUnusableError"]
 
 LOCK_NAME = "run.lock"
 
 
 class RunDirBusyError(UserInputError):
     """Another process holds the run folder."""
+
+
+class RunDirUnusableError(UserInputError):
+    """The run folder cannot be created or written (a file in its way, no permission)."""
 
 
 class RunDirLock:
@@ -53,11 +58,17 @@ class RunDirLock:
 
         Raises:
             RunDirBusyError: another process holds it (the message names it).
+            RunDirUnusableError: the folder cannot be created or written.
         """
         if self._fd is not None:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            reason = unwritable_reason(self.run_dir, folder=True) or err.strerror or str(err)
+            raise RunDirUnusableError(f"output_dir {self.run_dir} cannot be used: {reason}; "
+                                      "choose another output_dir") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from utils.output_paths import OutputPathError, unwritable_reason
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -286,11 +288,19 @@ def _dashed_line(draw: ImageDraw.ImageDraw, a: tuple[float, float], b: tuple[flo
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> str:
-    """Write `image` as PNG (creating parent folders); returns the path."""
+    """Write `image` as PNG (creating parent folders); returns the path.
+
+    Raises:
+        OutputPathError: naming the path and why it cannot be written.
+    """
     path = os.fspath(path)
     parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    image.save(path, format="PNG")
+    try:
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        image.save(path, format="PNG")
+    except OSError as err:
+        reason = unwritable_reason(path) or err.strerror or str(err)
+        raise OutputPathError(f"cannot write {path}: {reason}; choose another path") from err
     logger.info("wrote %s (%dx%d)", path, image.width, image.height)
     return path
