@@ -403,9 +403,10 @@ def find_annotation(dataset_path: str, names: Sequence[str], layout: str) -> str
 
 
 def load_json_file(path: str) -> Any:
-    """``json.load`` with errors that name the file and the line/column."""
+    """``json.load`` with errors that name the file and the line/column; a UTF-8 byte-order mark is skipped."""
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: some Windows editors start UTF-8 files with a byte-order mark.
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise AnnotationError(path, None, f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
@@ -437,13 +438,39 @@ def check_id(value: Any, file: str, index: int, what: str = "'id'") -> int:
     return value
 
 
+def caption_is_empty(text: str) -> bool:
+    """Whether the tokenizer's cleaning leaves nothing of ``text`` (``model.tokenizer.cleans_to_empty``)."""
+    # Imported on first use: `import datasets` stays free of torch, which the model package loads.
+    from model.tokenizer import cleans_to_empty
+
+    return cleans_to_empty(text)
+
+
 def check_caption(value: Any, file: str, index: int, what: str) -> str:
-    """Return ``value`` if it is a non-empty string, else raise AnnotationError."""
+    """Return ``value`` if it is a string with text the tokenizer keeps, else raise AnnotationError."""
     if not isinstance(value, str):
         raise AnnotationError(file, index, f"{what} must be a string, got {type_name(value)}")
     if not value.strip():
         raise AnnotationError(file, index, f"{what} is empty")
+    if caption_is_empty(value):
+        raise AnnotationError(file, index, f"{what} {value!r:.60} is empty once cleaned for the tokenizer "
+                              "(HTML entities, control characters and whitespace are dropped); write the "
+                              "caption's text, or remove the caption")
     return value
+
+
+def check_relative_path(path: str, file: str, index: int, what: str, image_root: str) -> str:
+    """Return ``path`` if it stays inside ``image_root`` once joined to it, else raise AnnotationError.
+
+    The check is on the text alone (absolute, or ``..`` climbing above the root):
+    a symlinked image folder is the user's choice and stays allowed.
+    """
+    normal = os.path.normpath(path)
+    if os.path.isabs(path) or normal == ".." or normal.startswith(".." + os.sep):
+        raise AnnotationError(file, index, f"{what} {path!r} leaves the image folder: image paths are relative "
+                              f"to {image_root} and must stay inside it; move the image there and give its "
+                              "path relative to that folder")
+    return path
 
 
 # --------------------------------------------------------------------------- PEDES-style corpora
@@ -547,6 +574,7 @@ class PedesJsonDataset(TextReIDDataset):
         split = self._record_split(raw, pid, index)
         if not isinstance(path, str) or not path.strip():
             raise AnnotationError(file, index, f"{self.path_key!r} must be a non-empty string, got {path!r:.60}")
+        check_relative_path(path, file, index, repr(self.path_key), self.image_root)
         if not isinstance(captions, list) or not captions:
             raise AnnotationError(file, index, f"'captions' must be a non-empty list of strings, "
                                   f"got {type_name(captions)} {captions!r:.40}")

@@ -52,7 +52,9 @@ from datasets.bases import (
     StringTableBuilder,
     TextReIDDataset,
     TrainIndex,
+    caption_is_empty,
     check_caption,
+    check_relative_path,
     iter_tar_members,
     name_hash,
     read_file_range,
@@ -65,7 +67,9 @@ logger = logging.getLogger(__name__)
 
 CAPTION_KEYS = ("caption1", "caption2")
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".tar": "tar"}
-CACHE_VERSION = 2  # 2: the metadata carries a checksum of the arrays
+# 2: the metadata carries a checksum of the arrays; 3: image paths leaving images/ and captions that
+# clean to nothing are bad records (an older index may hold them)
+CACHE_VERSION = 3
 _CHUNK_BYTES = 1 << 20
 # A JSON element that does not parse within this many characters is malformed, not truncated.
 _MAX_RECORD_CHARS = 64 << 20
@@ -89,15 +93,16 @@ def _check_captions(value: Any, file: str, index: int, where: str) -> None:
         check_caption(value[key], file, index, f"{where} {key!r}")
 
 
-def _check_json_record(obj: Any, file: str, index: int) -> str:
+def _check_json_record(obj: Any, file: str, index: int, image_root: str) -> str:
     """Validate one ``{"<image path>": {"caption1", "caption2"}}`` record; return the image path."""
     if type(obj) is dict and len(obj) == 1:
         # Fast path for well-formed records (millions of them); the checks below only explain failures.
         ((path, captions),) = obj.items()
         if type(captions) is dict:
             c1, c2 = captions.get("caption1"), captions.get("caption2")
-            if (type(c1) is str and type(c2) is str and c1 and c2 and path
-                    and not (c1.isspace() or c2.isspace() or path.isspace())):
+            if (type(c1) is str and type(c2) is str and path and not path.isspace()
+                    and not path.startswith("/") and ".." not in path
+                    and not (caption_is_empty(c1) or caption_is_empty(c2))):
                 return path
     if not isinstance(obj, dict):
         raise AnnotationError(file, index, 'expected a one-key object {"<image path>": {"caption1": ..., '
@@ -107,6 +112,7 @@ def _check_json_record(obj: Any, file: str, index: int) -> str:
     ((path, captions),) = obj.items()
     if not path.strip():
         raise AnnotationError(file, index, "empty image path")
+    check_relative_path(path, file, index, "image path", image_root)
     _check_captions(captions, file, index, f"captions of {path!r}")
     return path
 
@@ -254,7 +260,11 @@ def _iter_jsonl(path: str, problems: RecordProblems) -> Iterator[tuple[int, Any,
         for index, line in enumerate(f):
             start = offset
             offset += len(line)
-            if line.isspace():
+            if index == 0 and line.startswith(codecs.BOM_UTF8):
+                # A byte-order mark (some Windows editors write one) is not part of record 0.
+                line = line[len(codecs.BOM_UTF8):]
+                start += len(codecs.BOM_UTF8)
+            if not line or line.isspace():
                 continue
             try:
                 obj = decode(line.decode("utf-8"))
@@ -298,7 +308,7 @@ class _Builder:
             self.member_offset.append(member_offset)
             self.member_size.append(member_size)
 
-    def scan_json(self, source: int, path: str, problems: RecordProblems) -> None:
+    def scan_json(self, source: int, path: str, image_root: str, problems: RecordProblems) -> None:
         records = _iter_json_list(path) if self.fmt == "json" else _iter_jsonl(path, problems)
         # Bound methods and the builtin hash() keep this per-record loop short; the hash is only
         # compared within this process (duplicate detection), so its per-process salt is harmless.
@@ -306,7 +316,7 @@ class _Builder:
         add_length, add_hash, add_index = self.record_length.append, self.key_hash.append, self.record_index.append
         for index, obj, start, end in records:
             try:
-                image_path = _check_json_record(obj, path, index)
+                image_path = _check_json_record(obj, path, index, image_root)
             except AnnotationError as error:
                 problems.report(error)
                 continue
@@ -531,7 +541,7 @@ class WebPersonIndex(TrainIndex):
             if fmt == "tar":
                 builder.scan_tar(source, path, problems)
             else:
-                builder.scan_json(source, path, problems)
+                builder.scan_json(source, path, image_root, problems)
         arrays = {
             "image_source": np.frombuffer(builder.image_source, np.int64).astype(np.int32),
             "record_offset": np.frombuffer(builder.record_offset, np.int64).copy(),
