@@ -265,6 +265,82 @@ def test_integer_with_too_many_digits_for_python_is_an_annotation_error(tmp_path
     assert str(info.value).startswith(f"{path}: ") and info.value.index is None
 
 
+@pytest.mark.parametrize("captions, bad", [
+    (["a man", "\x00\x01\x02"], "caption 1 '\\\\x00\\\\x01\\\\x02' is empty once cleaned"),
+    (["&nbsp;", "a man"], "caption 0 '&nbsp;' is empty once cleaned"),
+    (["a man", "&amp;nbsp; \x7f"], "caption 1 .* is empty once cleaned"),
+    (["a man", "\x1b[31m"], "caption 1 .* is empty once cleaned"),
+])
+def test_captions_the_tokenizer_cleans_to_nothing_are_bad_records(tmp_path, captions, bad):
+    path = write_pedes(tmp_path, raw=json.dumps([GOOD, _with(captions=captions)]))
+    with pytest.raises(AnnotationError, match=bad) as info:
+        CUHKPEDES(str(tmp_path))
+    assert str(info.value).startswith(f"{path}: record 1: ")
+    ds = CUHKPEDES(str(tmp_path), skip_bad_records=True)
+    assert ds.num_skipped == 1 and [c for *_, c in ds.train] == ["a caption"]
+
+
+def test_captions_with_entities_or_controls_around_text_are_kept(tmp_path):
+    captions = ["a man &amp; his dog", "\x00a woman\x01", "caf\u00e9 &nbsp; coat"]
+    write_pedes(tmp_path, raw=json.dumps([GOOD, _with(captions=captions)]))
+    assert [c for *_, c in CUHKPEDES(str(tmp_path)).train][1:] == captions
+
+
+@pytest.mark.parametrize("name", list(LAYOUT))
+@pytest.mark.parametrize("path", ["/etc/passwd.png", "../outside.png", "CUHK01/../../outside.png", ".."])
+def test_image_paths_leaving_the_image_folder_are_bad_records(tmp_path, name, path):
+    folder, _, path_key = LAYOUT[name]
+
+    def record(image: str, split: str) -> dict:
+        return {"split": split, "captions": ["a caption"], path_key: image, "id": 1}
+
+    records = [record("CUHK01/a.png", "train"), record(path, "train"), record("CUHK01/a.png", "test")]
+    write_pedes(tmp_path, name=name, raw=json.dumps(records))
+    image_root = os.path.join(str(tmp_path), folder, "imgs")
+    with pytest.raises(AnnotationError, match=rf"record 1: '{path_key}' '{path}' leaves the image folder: image "
+                                              rf"paths are relative to {image_root} and must stay inside it"):
+        DATASETS[name](str(tmp_path))
+    ds = DATASETS[name](str(tmp_path), skip_bad_records=True)
+    assert ds.num_skipped == 1 and ds.train.num_images == 1
+
+
+def test_image_paths_that_stay_inside_and_a_symlinked_image_folder_are_fine(tmp_path):
+    records = [("train", 1, "CUHK01/../CUHK01/a.png", ["one"]), ("train", 2, "./b.png", ["two"]),
+               ("test", 3, "c..d.png", ["three"])]
+    write_pedes(tmp_path / "real", records=records)
+    # The image folder may be a link to elsewhere (a shared disk): only the annotation's paths are checked.
+    os.makedirs(tmp_path / "linked" / "CUHK-PEDES")
+    os.symlink(tmp_path / "real" / "CUHK-PEDES" / "imgs", tmp_path / "linked" / "CUHK-PEDES" / "imgs")
+    os.symlink(tmp_path / "real" / "CUHK-PEDES" / "reid_raw.json", tmp_path / "linked" / "CUHK-PEDES" / "reid_raw.json")
+    ds = CUHKPEDES(str(tmp_path / "linked"))
+    assert ds.train.num_images == 2 and len(ds.test.img_paths) == 1
+
+
+@pytest.mark.parametrize("name", list(LAYOUT))
+def test_a_utf8_byte_order_mark_is_read_past(tmp_path, name):
+    path = write_pedes(tmp_path, name=name, records=[r for r in CUHK_RECORDS if name != "ICFG-PEDES" or
+                                                     r[0] != "val"])
+    plain = _samples_of(DATASETS[name](str(tmp_path)))
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + data)
+    assert _samples_of(DATASETS[name](str(tmp_path))) == plain
+
+
+def test_caption_all_with_a_byte_order_mark(tmp_path):
+    records = [dict(GOOD, id=1), dict(GOOD, id=12_004, file_path="CUHK01/b.png")]
+    for record in records:
+        record.pop("split")
+    write_pedes(tmp_path, annotation="caption_all.json", raw="\ufeff" + json.dumps(records))
+    ds = CUHKPEDES(str(tmp_path))
+    assert ds.splits_from_ids and ds.train.num_images == 1 and len(ds.test.img_paths) == 1
+
+
+def _samples_of(ds) -> list:
+    return [(pid, image_id, os.path.basename(path), caption) for pid, image_id, path, caption in ds.train]
+
+
 # --------------------------------------------------------------------------- tools/check_data.py
 
 

@@ -122,6 +122,45 @@ def test_make_synthetic_refuses_user_files(user_data, tmp_path):
     assert sheet.read_bytes() == b"my photo" and not (tmp_path / "synth").exists()
 
 
+@pytest.mark.parametrize("layout", ["same", "data_inside_out", "out_inside_data"])
+def test_demo_refuses_overlapping_out_and_data_before_writing(tmp_path, capsys, layout):
+    out, data = {"same": ("same", "same"), "data_inside_out": ("out", "out/data"),
+                 "out_inside_data": ("data/out", "data")}[layout]
+    demo = load_tool("demo")
+    assert demo.main(["--small", "--no-figures", "--out", str(tmp_path / out), "--data", str(tmp_path / data)]) == 2
+    assert_one_error_line(capsys.readouterr().err, "--out", "--data", "two separate folders")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["out", "data"])
+def test_demo_refuses_folders_under_a_file_before_writing(tmp_path, capsys, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    folders = {"out": tmp_path / "out", "data": tmp_path / "data", where: blocker / where}
+    demo = load_tool("demo")
+    assert demo.main(["--small", "--no-figures", "--out", str(folders["out"]), "--data", str(folders["data"])]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"--{where}", f"{blocker} is a file, not a folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["blocker"]
+
+
+def test_make_synthetic_checks_its_outputs_before_generating(tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    tool = load_tool("make_synthetic")
+    base = ["--identities", "2", "--images-per-id", "1", "--val-ids", "1", "--test-ids", "1",
+            "--webperson-images", "2", "--workers", "1"]
+    cases = [
+        (["--out", str(blocker / "synth")], ("--out", f"{blocker} is a file, not a folder")),
+        (["--out", str(tmp_path / "synth"), "--sheet", str(blocker / "s.png")], ("--sheet", f"{blocker} is a file")),
+        (["--out", str(tmp_path / "synth"), "--sheet", str(tmp_path / "sheet.nope")], ("--sheet", "extension")),
+        (["--out", str(tmp_path / "synth"), "--sheet", str(tmp_path)], ("--sheet", "is a folder")),
+    ]
+    for extra, fragments in cases:
+        assert tool.main(base + extra) == 2, extra
+        assert_one_error_line(capsys.readouterr().err, *fragments)
+        assert [p.name for p in tmp_path.iterdir()] == ["blocker"]
+
+
 # --------------------------------------------------------------------------- export
 
 

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from model.tokenizer import Tokenizer, clean_text
+from model.tokenizer import Tokenizer, clean_text, cleans_to_empty
 
 open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
 
@@ -315,3 +315,17 @@ def test_cache_and_pickle(tok: Tokenizer) -> None:
     # Data-loader workers receive the tokenizer by pickling.
     clone = pickle.loads(pickle.dumps(tok))
     assert torch.equal(clone.tokenize(CORPUS[:10]), tok.tokenize(CORPUS[:10]))
+
+
+def test_cleans_to_empty_agrees_with_the_cleaning() -> None:
+    # Its ASCII shortcut must give clean_text's answer: strings built from the characters the
+    # cleaning treats specially (entities, controls, escapes, whitespace) and a spread of ASCII, and
+    # short strings of any ASCII characters.
+    pieces = ["&nbsp;", "&amp;", "&", "\x00", "\x01", "\x7f", "\x1b[31m", "\x1b", " ", "\t", "\n", "\x1c", "\xa0",
+              "caf\u00e9", "\u200b", "\ufeff", "<|mask|>", *(chr(i) for i in range(0, 128, 3))]
+    rng = random.Random(0)
+    texts = ["", "a man", "&nbsp;", "\x00\x01\x02", "\x1b[0m", "&amp;nbsp;"]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 5))) for _ in range(3000)]
+    texts += ["".join(chr(rng.randrange(128)) for _ in range(rng.randint(1, 3))) for _ in range(3000)]
+    for text in texts:
+        assert cleans_to_empty(text) == (not clean_text(text)), repr(text)

@@ -25,8 +25,11 @@ from model.tokenizer import Tokenizer
 from processor.evaluate import build_evaluator
 from processor.inference import load_for_evaluation
 from tests.conftest import REPO, load_tool
+from tools.common import one_line
 from utils.config import load_config
-from utils.visualize import GREEN, GREY, RED, SERIES_COLOURS, nice_ticks, score_colour
+from utils.output_paths import OutputPathError, check_output_path, unwritable_reason
+from utils.run_lock import RunDirLock, RunDirUnusableError
+from utils.visualize import GREEN, GREY, RED, SERIES_COLOURS, nice_ticks, save_png, score_colour
 
 FINETUNE = str(REPO / "configs" / "demo" / "tiny_finetune.yaml")
 
@@ -189,6 +192,58 @@ def test_search_errors_are_clear(trained, tmp_path, capsys):
         assert search.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, (argv, err)
+
+
+def test_search_refuses_bad_arguments_before_any_work(tmp_path, capsys):
+    # The checkpoint does not exist: each refusal must come before it is looked for.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file\n")
+    base = ["--checkpoint", str(tmp_path / "missing.pth"), "--images", str(tmp_path), "--query", "a man"]
+    cases = [
+        (["--thumb-height", "0", "--grid", str(tmp_path / "g.png")], "--thumb-height must be between 16 and 1024"),
+        (["--thumb-height", "5000"], "got 5000"),
+        (["--topk", "0"], "--topk must be >= 1"),
+        (["--query", "&nbsp;"], "--query number 2 ('&nbsp;') has no text once cleaned"),
+        (["--json", str(blocker / "r.json")], f"--json {blocker / 'r.json'} cannot be written: {blocker} is a file"),
+        (["--grid", str(tmp_path)], f"--grid {tmp_path} cannot be written: {tmp_path} is a folder"),
+    ]
+    for extra, message in cases:
+        assert search.main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (extra, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+def test_output_path_checks(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    assert unwritable_reason(tmp_path / "new" / "deeper" / "out.json") is None
+    assert unwritable_reason(tmp_path / "new", folder=True) is None
+    assert unwritable_reason(tmp_path, folder=True) is None
+    assert unwritable_reason(blocker) is None  # an existing file may be replaced (the tools ask first)
+    assert unwritable_reason(blocker / "a" / "b.png") == f"{blocker} is a file, not a folder"
+    assert unwritable_reason(blocker, folder=True) == f"{blocker} is a file, not a folder"
+    assert unwritable_reason(tmp_path) == f"{tmp_path} is a folder"
+    with pytest.raises(OutputPathError, match=rf"^--out {blocker}/x cannot be written: {blocker} is a file, not a "
+                                              "folder; choose another path$"):
+        check_output_path(blocker / "x", "--out")
+    with pytest.raises(OutputPathError, match=f"cannot write {blocker}/g.png: {blocker} is a file"):
+        save_png(Image.new("RGB", (2, 2)), blocker / "g.png")
+
+
+def test_run_folder_under_a_file_is_refused_naming_output_dir(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    with pytest.raises(RunDirUnusableError, match=rf"^output_dir {blocker}/run cannot be used: {blocker} is a file, "
+                                                  "not a folder; choose another output_dir$"):
+        RunDirLock(blocker / "run").acquire()
+
+
+def test_error_messages_become_one_line():
+    assert one_line("Error(s) in loading state_dict for CLIP:\n\tsize mismatch for a\n\tsize mismatch for b") \
+        == "Error(s) in loading state_dict for CLIP: size mismatch for a; size mismatch for b"
+    assert one_line("  one  \n\n two\n") == "one; two"
+    assert one_line("") == ""
 
 
 @pytest.mark.parametrize("tool", [search, visualize_gass, visualize_retrieval, plot_curves, make_tables])

@@ -269,6 +269,49 @@ def test_skip_bad_records_counts_and_keeps_the_rest(tmp_path):
     assert again.train.loaded_from_cache and again.num_skipped == 4
 
 
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+@pytest.mark.parametrize("path", ["/data/elsewhere/b.png", "../b.png", "sub/../../b.png"])
+def test_image_paths_leaving_images_are_bad_records(tmp_path, fmt, path):
+    bad = json.dumps(_record(path, "third", "fourth"))
+    text = f"[{GOOD},\n {bad}]" if fmt == "json" else f"{GOOD}\n{bad}\n"
+    image_root = tmp_path / "WebPerson" / "images"
+    _expect(tmp_path, fmt, text, rf"image path '{path}' leaves the image folder: image paths are relative to "
+                                 rf"{image_root} and must stay inside it", 1)
+    ds = WebPerson(str(tmp_path), skip_bad_records=True, cache=False)
+    assert ds.num_skipped == 1 and _samples(ds) == [(0, 0, "first caption"), (0, 0, "second caption")]
+
+
+@pytest.mark.parametrize("caption", ["&nbsp;", "\x00\x01", "&amp;nbsp;\t\x1b[0m"])
+def test_captions_the_tokenizer_cleans_to_nothing_are_bad_records(tmp_path, caption):
+    bad = json.dumps(_record("b.png", "a man", caption))
+    _expect(tmp_path, "json", f"[{GOOD}, {bad}]", r"record 1: captions of 'b.png' 'caption2' .* is empty once "
+                                                   "cleaned for the tokenizer", 1)
+
+
+def test_tar_captions_the_tokenizer_cleans_to_nothing_are_bad_records(tmp_path):
+    (tmp_path / "WebPerson").mkdir()
+    with tarfile.open(tmp_path / "WebPerson" / "s-0.tar", "w") as tar:
+        _add(tar, "k0.png", _png(0))
+        _add(tar, "k0.json", b'{"caption1": "&nbsp;", "caption2": "b"}')
+    with pytest.raises(AnnotationError, match=r"record 0: k0\.json 'caption1' '&nbsp;' is empty once cleaned"):
+        WebPerson(str(tmp_path), cache=False)
+
+
+def test_a_utf8_byte_order_mark_is_read_past(tmp_path):
+    for fmt, write in (("json", write_json), ("jsonl", write_jsonl)):
+        path = write(tmp_path / fmt)
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(b"\xef\xbb\xbf" + data)
+        for cached in (False, True):  # built, then read back through the index cache
+            ds = WebPerson(str(tmp_path / fmt))
+            assert ds.train.loaded_from_cache == cached
+            # Record 0's byte span starts after the mark, so its text reads back from the file.
+            assert _samples(ds) == naive_samples()
+            assert ds.train[0][2] == os.path.join(str(tmp_path / fmt), "WebPerson", "images", RECORDS[0][0])
+
+
 def test_bad_tar_samples(tmp_path):
     folder = tmp_path / "WebPerson"
     folder.mkdir()
