@@ -23,16 +23,18 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from datasets import build_dataset
+from datasets import build_dataset, dataset_class
 from datasets.build import build_train_loader, set_loader_epoch
 from datasets.masking import FIRST_ORDINARY_ID, LAST_ORDINARY_ID
 from datasets.score_cache import ScoreCache
 from model import build_model
+from model.clip import check_image_grid, clip_preset
+from model.objectives import parse_loss_names
 from model.tokenizer import Tokenizer
 from model.weights import read_checkpoint
 from processor.evaluate import append_metrics, build_evaluator, supersede_metrics
-from solver.lr_scheduler import build_lr_scheduler
-from solver.optim import build_optimizer
+from solver.lr_scheduler import build_lr_scheduler, schedule_mode
+from solver.optim import build_optimizer, optimizer_class
 from utils import comm
 from utils.checkpoint import Checkpointer, GracefulExit, check_resume_config, find_resume
 from utils.config import Config, ConfigError, save_config
@@ -42,9 +44,11 @@ from utils.run_lock import RunDirBusyError, RunDirLock
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "Task", "NonFiniteLossError", "resolve_device", "autocast_context"]
+__all__ = ["Trainer", "Task", "NonFiniteLossError", "check_components", "resolve_device", "autocast_context"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: Evaluation splits a benchmark may have (`eval.select_split`, `eval.fallback_split`).
+EVAL_SPLITS = ("val", "test")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,15 +56,43 @@ class NonFiniteLossError(RuntimeError):
 
 
 def resolve_device(spec: str) -> torch.device:
-    """`auto` -> this rank's GPU if CUDA is available, else the CPU."""
+    """`auto` -> this rank's GPU if CUDA is available, else the CPU.
+
+    Raises:
+        ConfigError: `spec` names no device, or CUDA where there is none.
+    """
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", comm.get_local_rank())
         return torch.device("cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise ConfigError(f"device={spec!r}: not a device; use auto, cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={spec!r} but CUDA is not available; use device=cpu or auto")
     return device
+
+
+def check_components(cfg: Config) -> None:
+    """Look up every name the config gives a registry (datasets, CLIP preset, losses, optimizer,
+    scheduler) and fit the image size to the preset's patch, before any data or weights are read.
+
+    `load_config` checks value ranges and fixed sets of modes; names and sizes that only the
+    components know are checked by the components, all at once here.
+
+    Raises:
+        ConfigError: the first unknown name or unusable size, with its key and what is valid.
+    """
+    dataset_class(cfg.data.name, "data.name")
+    for name in cfg.eval.datasets:
+        dataset_class(name, "eval.datasets")
+    preset = clip_preset(cfg.model.clip.arch)
+    check_image_grid(tuple(cfg.model.clip.image_size), preset["vision_patch_size"],
+                     f"model.clip.arch={cfg.model.clip.arch!r}")
+    parse_loss_names(cfg.model.loss_names)
+    optimizer_class(cfg.solver.optimizer)
+    schedule_mode(cfg.solver.scheduler)
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -120,6 +152,7 @@ class Trainer:
         comm.init_distributed()
         self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
         self.run_dir = cfg.output_dir
+        check_components(cfg)
         # Nothing in the run folder is written before the resume checks pass and the folder is ours.
         self._resume_path, self._resume_ckpt = self._check_resume(cfg)
         self.lock = self._lock_run_dir()
@@ -136,15 +169,16 @@ class Trainer:
                     self.world_size, self.device, cfg.precision if self.device.type == "cuda" else "fp32 (CPU)")
 
         self.tokenizer = Tokenizer()
-        data = build_dataset(cfg.data.name, cfg.data.root, **self._dataset_kwargs(cfg))
+        data = build_dataset(cfg.data.name, cfg.data.root, key="data.name", **self._dataset_kwargs(cfg))
         self.train_index = data.train
         self.num_classes = data.train.num_classes
         self.score_cache = self._build_score_cache()
         self.loader = build_train_loader(cfg, data.train, self.tokenizer, score_cache=self.score_cache,
                                          rank=self.rank, world_size=self.world_size)
         if len(self.loader) == 0:
-            raise ValueError(f"{cfg.data.name}: {len(data.train)} training samples give no full batch of "
-                             f"{cfg.data.batch_size} x {self.world_size} process(es); lower data.batch_size")
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size}: {cfg.data.name}'s {len(data.train)} training "
+                              f"samples give no full batch of {cfg.data.batch_size} x {self.world_size} process(es); "
+                              "lower data.batch_size")
 
         model = self.task.build_model(cfg, self.num_classes).to(self.device)
         self.optimizer = build_optimizer(
@@ -234,8 +268,8 @@ class Trainer:
         plan: dict[str, dict[str, Any]] = {}
         flat = {}
         for name in cfg.eval.datasets:
-            data = build_dataset(name, root)
-            splits = {s: getattr(data, s) for s in ("val", "test") if getattr(data, s, None) is not None}
+            data = build_dataset(name, root, key="eval.datasets")
+            splits = {s: getattr(data, s) for s in EVAL_SPLITS if getattr(data, s, None) is not None}
             select = cfg.eval.select_split if cfg.eval.select_split in splits else None
             if select is None and cfg.eval.fallback_split in splits:
                 select = cfg.eval.fallback_split
@@ -256,6 +290,13 @@ class Trainer:
         path, ckpt = self._resume_path, self._resume_ckpt
         self._resume_ckpt = None  # the checkpoint's tensors are not needed once loaded
         if path is None:
+            if comm.is_main_process():
+                # A run killed before its first `last` checkpoint restarts from scratch:
+                # the records it left are of epochs about to be redone.
+                dropped = supersede_metrics(self.run_dir, 0)
+                if dropped:
+                    logger.info("metrics.jsonl: %d record(s) of an earlier start that saved no checkpoint "
+                                "superseded by this fresh start", dropped)
             return
         meta = self.checkpointer.load(path, resume=True, trust=self.cfg.train.trust_checkpoints, ckpt=ckpt)
         extra = meta.get("extra") or {}
