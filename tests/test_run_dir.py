@@ -99,3 +99,15 @@ def test_metrics_after_a_redone_epoch_hold_one_record_per_epoch(synthetic_root, 
     assert [r["epoch"] for r in history if r["type"] == "train"] == [0, 1]
     evals = [(r["epoch"], r["split"], r["task"]) for r in history if r["type"] == "eval"]
     assert len(evals) == len(set(evals)) and {e for e, _, _ in evals} == {0, 1}
+
+
+def test_restart_of_a_run_killed_before_its_first_checkpoint_keeps_one_history(synthetic_root, tmp_path):
+    train = load_tool("train")
+    run = tmp_path / "run"
+    assert train.main(["--config", PRETRAIN, *overrides(synthetic_root, run, "solver.epochs=1")]) == 0
+    (run / "last.pth").unlink()  # as if killed while writing its first `last`
+    assert train.main(["--config", PRETRAIN, *overrides(synthetic_root, run, "solver.epochs=1")]) == 0
+    history = records(run)
+    assert [r["epoch"] for r in history if r["type"] == "train"] == [0]
+    evals = [(r["epoch"], r["split"], r["task"]) for r in history if r["type"] == "eval"]
+    assert len(evals) == len(set(evals)) == 2
