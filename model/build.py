@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from model import objectives
 from model.clip import CLIP, build_clip_from_config
-from model.gass import css_scores, gass_scores
+from model.gass import ATTN_NORMS, NORMALIZATIONS, css_scores, gass_scores
 from model.heads import CrossModalMLM, build_classifier, build_mlm_modules
 from utils import comm
 from utils.config import check_gass_depth
@@ -69,8 +69,11 @@ class GADMS(CrossModalMLM, nn.Module):
         gather_features: bool = False,
     ) -> None:
         super().__init__()
-        if scoring not in SCORINGS:
-            raise ValueError(f"unknown scoring {scoring!r}; valid: {', '.join(SCORINGS)}")
+        # Checked here, not at the first GASS step (a config's values are checked when it loads).
+        for what, value, valid in (("scoring", scoring, SCORINGS), ("gass_attn_norm", gass_attn_norm, ATTN_NORMS),
+                                   ("gass_normalize", gass_normalize, NORMALIZATIONS)):
+            if value not in valid:
+                raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
         if "sdm" not in loss_names and "itc" not in loss_names and gass:
             logger.warning("GASS is on but no contrastive loss (sdm/itc) uses the noise-masked captions")
         self.base_model = base_model

@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from model.weights import IncompatibleWeightsError, read_checkpoint, unwrap_state_dict
+from model.weights import (
+    CheckpointNotFoundError,
+    CheckpointReadError,
+    IncompatibleWeightsError,
+    read_checkpoint,
+    unwrap_state_dict,
+)
+from utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +50,12 @@ __all__ = [
     "QuickGELU",
     "ResidualAttentionBlock",
     "Transformer",
+    "NotAClipViTError",
     "VisionTransformer",
     "build_clip",
     "backbone_state_dict",
     "build_clip_from_config",
+    "check_image_grid",
     "check_preset",
     "clip_from_state_dict",
     "clip_preset",
@@ -128,6 +137,10 @@ _NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
 # OpenAI's learnable temperature: retrieval uses a fixed one, and the reference
 # backbones (IRRA, GA-DMS) have no such key.
 _UNUSED_KEYS = ("logit_scale",)
+
+
+class NotAClipViTError(IncompatibleWeightsError, ValueError):
+    """Weights that are no OpenAI-keyed CLIP ViT (a ResNet CLIP, another model's state dict)."""
 
 
 class QuickGELU(nn.Module):
@@ -408,10 +421,26 @@ class CLIP(nn.Module):
 
 
 def clip_preset(name: str) -> dict[str, int]:
-    """Keyword arguments of the architecture preset ``name`` (a copy)."""
+    """Keyword arguments of the architecture preset ``name`` (a copy).
+
+    Raises:
+        ConfigError: an unknown name (``model.clip.arch``), listing the valid ones.
+    """
     if name not in CLIP_PRESETS:
-        raise ValueError(f"unknown CLIP preset {name!r}; valid presets: {sorted(CLIP_PRESETS)}")
+        raise ConfigError(f"model.clip.arch: unknown CLIP preset {name!r}; valid presets: {sorted(CLIP_PRESETS)}")
     return dict(CLIP_PRESETS[name])
+
+
+def check_image_grid(image_size: tuple[int, int], patch_size: int, source: str) -> None:
+    """Fail unless ``image_size`` holds at least one patch of the backbone ``source`` describes.
+
+    Raises:
+        ConfigError: naming ``model.clip.image_size``, the patch size and where it comes from.
+    """
+    if min(image_size) < patch_size:
+        raise ConfigError(f"model.clip.image_size={list(image_size)}: smaller than the {patch_size}-pixel patch of "
+                          f"{source}, so the image has no patch grid; give a height and width of at least "
+                          f"{patch_size}")
 
 
 def resize_pos_embed(posemb: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None) -> Tensor:
@@ -458,13 +487,13 @@ def _download_verified(url: str, dest: str) -> None:
                 digest.update(chunk)
                 out.write(chunk)
         if digest.hexdigest() != expected_sha:
-            raise RuntimeError(
+            raise CheckpointReadError(
                 f"SHA-256 mismatch for {url}: got {digest.hexdigest()}, expected {expected_sha}; "
                 f"the download was discarded. Put a verified copy at {dest}"
             )
         os.replace(tmp_path, dest)
     except (urllib.error.URLError, OSError) as err:
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"CLIP weights not found at {dest} and the download from {url} failed ({err}). "
             f"Download that file and put it at {dest} (or set GADMS_CLIP_CACHE / cache_dir)."
         ) from err
@@ -473,19 +502,32 @@ def _download_verified(url: str, dest: str) -> None:
             os.remove(tmp_path)
 
 
-def resolve_clip_checkpoint(name_or_path: str, cache_dir: str | None = None) -> str:
+def resolve_clip_checkpoint(name_or_path: str, cache_dir: str | None = None, *, key: str | None = None) -> str:
     """Path of a CLIP checkpoint given as a file path or an OpenAI model name.
 
     Names resolve to ``<cache_dir>/<basename of OpenAI's URL>`` (default cache
     ``$GADMS_CLIP_CACHE`` or ``~/.cache/clip``) and are downloaded (SHA-256 checked)
     when missing.
+
+    Args:
+        name_or_path: A checkpoint file or a key of ``OPENAI_URLS``.
+        cache_dir: Where named checkpoints live.
+        key: The config key or option that gave ``name_or_path``, for the messages.
+
+    Raises:
+        CheckpointNotFoundError: neither a file nor a known name, a folder, or a named
+            checkpoint that is not in the cache and cannot be downloaded (a FileNotFoundError).
+        CheckpointReadError: a download whose SHA-256 does not match.
     """
-    if os.path.isfile(os.path.expanduser(name_or_path)):
-        return os.path.expanduser(name_or_path)
+    given = f"{key}={name_or_path!r}" if key else f"CLIP checkpoint {name_or_path!r}"
+    path = os.path.expanduser(name_or_path)
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        raise CheckpointNotFoundError(f"{given} is a directory, expected a checkpoint file")
     if name_or_path not in OPENAI_URLS:
-        raise FileNotFoundError(
-            f"CLIP checkpoint {name_or_path!r} is neither an existing file nor a known model name; "
-            f"valid names: {sorted(OPENAI_URLS)}"
+        raise CheckpointNotFoundError(
+            f"{given} is neither an existing file nor a known model name; valid names: {sorted(OPENAI_URLS)}"
         )
     url = OPENAI_URLS[name_or_path]
     directory = cache_dir or _default_cache_dir()
@@ -538,7 +580,9 @@ def load_clip_state_dict(path: str, *, trust: bool = False) -> dict[str, Tensor]
         try:
             state = unwrap_state_dict(obj, source=path)
         except IncompatibleWeightsError as err:
-            raise RuntimeError(f"{path} is neither a TorchScript archive nor a state dict of tensors: {err}") from err
+            detail = str(err).removeprefix(f"{path}: ")
+            raise IncompatibleWeightsError(
+                f"{path} is neither a TorchScript archive nor a state dict of tensors: {detail}") from err
     return backbone_state_dict(state, source=path)
 
 
@@ -591,9 +635,10 @@ def clip_from_state_dict(
     try:
         arch = infer_clip_config(state)
     except KeyError as err:
-        raise ValueError(f"{source}: missing CLIP key {err}; not an OpenAI-keyed CLIP ViT") from err
+        raise NotAClipViTError(f"{source}: missing CLIP key {err}; not an OpenAI-keyed CLIP ViT") from err
     except ValueError as err:
-        raise ValueError(f"{source}: {err}") from err
+        raise NotAClipViTError(f"{source}: {err}") from err
+    check_image_grid(image_size, arch["vision_patch_size"], source)
     model = CLIP(**arch, image_size=tuple(image_size), stride_size=stride_size, grad_checkpointing=grad_checkpointing)
     new_grid = model.visual.grid_size
     pretrained_num_patches = state["visual.positional_embedding"].shape[0] - 1
@@ -602,17 +647,24 @@ def clip_from_state_dict(
         state["visual.positional_embedding"] = resize_pos_embed(state["visual.positional_embedding"], new_grid)
     elif pretrained_num_patches != new_grid[0] * new_grid[1]:
         # Non-square grids come from IRRA / GA-DMS checkpoints already trained at our size.
-        raise ValueError(
+        raise ConfigError(
             f"{source}: positional embedding has {pretrained_num_patches} patch positions (not a square grid) "
             f"and cannot be resized to the {new_grid} grid of image_size={tuple(image_size)}, "
-            f"stride_size={stride_size}"
+            f"stride_size={stride_size}; set model.clip.image_size and stride_size to the ones it was trained with"
         )
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise RuntimeError(
+        raise IncompatibleWeightsError(
             f"{source}: state dict does not match CLIP; missing keys: {missing}; unexpected keys: {unexpected}"
+        )
+    mismatched = [f"{key} {tuple(state[key].shape)} vs model {tuple(value.shape)}"
+                  for key, value in own.items() if state[key].shape != value.shape]
+    if mismatched:
+        raise IncompatibleWeightsError(
+            f"{source}: state dict does not match CLIP; shape mismatches ({len(mismatched)}): "
+            f"{', '.join(mismatched[:5])}{', ...' if len(mismatched) > 5 else ''}"
         )
     model.load_state_dict(state, strict=True)
     logger.info(
@@ -635,13 +687,15 @@ def build_clip(
     cache_dir: str | None = None,
     grad_checkpointing: bool = False,
     trust: bool = False,
+    key: str | None = None,
 ) -> CLIP:
     """Build an fp32 ``CLIP`` from OpenAI-keyed weights (file path or OpenAI model name).
 
     The file may also be a retrieval checkpoint (its ``base_model.`` weights are used).
-    See :func:`clip_from_state_dict` for the architecture and the positional grid.
+    See :func:`clip_from_state_dict` for the architecture and the positional grid;
+    ``key`` (the config key or option that named the file) is named when it cannot be found.
     """
-    path = resolve_clip_checkpoint(name_or_path, cache_dir)
+    path = resolve_clip_checkpoint(name_or_path, cache_dir, key=key)
     state = load_clip_state_dict(path, trust=trust)
     return clip_from_state_dict(state, image_size, stride_size, grad_checkpointing, source=path)
 
@@ -659,7 +713,7 @@ def check_preset(model: CLIP, arch: str, source: str) -> None:
     )
     mismatched = {k: (v, preset[k]) for k, v in loaded.items() if preset[k] != v}
     if mismatched:
-        raise ValueError(
+        raise ConfigError(
             f"{source} does not match model.clip.arch={arch!r}: "
             + ", ".join(
                 f"{k} is {got} in the checkpoint but {want} in the preset" for k, (got, want) in mismatched.items()
@@ -682,7 +736,9 @@ def build_clip_from_config(cfg: Any, state_dict: Mapping[str, Tensor] | None = N
     """
     image_size = tuple(int(v) for v in cfg.image_size)
     if len(image_size) != 2:
-        raise ValueError(f"model.clip.image_size must be [H, W], got {list(cfg.image_size)}")
+        raise ConfigError(f"model.clip.image_size must be [H, W], got {list(cfg.image_size)}")
+    # Pretrained weights must have the preset's patch size (`check_preset`): check it before reading them.
+    check_image_grid(image_size, clip_preset(cfg.arch)["vision_patch_size"], f"model.clip.arch={cfg.arch!r}")
     if state_dict is not None:
         model = clip_from_state_dict(state_dict, image_size, int(cfg.stride_size), bool(cfg.grad_checkpointing),
                                      source=source or "state dict")
@@ -701,6 +757,7 @@ def build_clip_from_config(cfg: Any, state_dict: Mapping[str, Tensor] | None = N
         stride_size=int(cfg.stride_size),
         cache_dir=cfg.cache_dir or None,
         grad_checkpointing=bool(cfg.grad_checkpointing),
+        key="model.clip.pretrained",
     )
     check_preset(model, cfg.arch, f"model.clip.pretrained={cfg.pretrained!r}")
     return model

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from utils import comm
+from utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -233,19 +234,20 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def parse_loss_names(spec: str) -> list[str]:
-    """Split a ``"sdm+id+mlm"`` spec into validated, ordered loss names.
+    """Split a ``"sdm+id+mlm"`` spec (``model.loss_names``) into validated, ordered loss names.
 
     Raises:
-        ValueError: empty spec, unknown name (the message lists the valid
+        ConfigError: empty spec, unknown name (the message lists the valid
             names) or a name given twice.
     """
+    where = f"model.loss_names={spec!r}"
     names = [part.strip() for part in spec.split("+")]
     if not spec.strip() or any(not name for name in names):
-        raise ValueError(f"loss names {spec!r}: expected names joined by '+', e.g. 'sdm+id+mlm'")
+        raise ConfigError(f"{where}: expected names joined by '+', e.g. 'sdm+id+mlm'")
     unknown = [name for name in names if name not in LOSSES]
     if unknown:
-        raise ValueError(f"loss names {spec!r}: unknown {unknown}; valid names are {sorted(LOSSES)}")
+        raise ConfigError(f"{where}: unknown {unknown}; valid names are {sorted(LOSSES)}")
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise ValueError(f"loss names {spec!r}: {duplicates} given more than once")
+        raise ConfigError(f"{where}: {duplicates} given more than once")
     return names

@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["SCHEDULE_MODES", "WARMUP_METHODS", "LRSchedulerWithWarmup", "build_lr_scheduler"]
+from utils.config import ConfigError
+
+__all__ = ["SCHEDULE_MODES", "WARMUP_METHODS", "LRSchedulerWithWarmup", "build_lr_scheduler", "schedule_mode"]
 
 
 def _step(s: LRSchedulerWithWarmup, base_lr: float, ratio: float) -> float:
@@ -62,6 +64,17 @@ SCHEDULE_MODES: dict[str, Callable[[LRSchedulerWithWarmup, float, float], float]
     "linear": _linear,
 }
 WARMUP_METHODS = ("constant", "linear")
+
+
+def schedule_mode(name: str) -> Callable[[LRSchedulerWithWarmup, float, float], float]:
+    """The post-warm-up schedule registered as ``name`` in ``SCHEDULE_MODES`` (``solver.scheduler``).
+
+    Raises:
+        ConfigError: an unknown name, listing the valid ones.
+    """
+    if name not in SCHEDULE_MODES:
+        raise ConfigError(f"solver.scheduler: unknown lr schedule mode {name!r}; valid modes: {list(SCHEDULE_MODES)}")
+    return SCHEDULE_MODES[name]
 
 
 class LRSchedulerWithWarmup(LRScheduler):
@@ -100,8 +113,7 @@ class LRSchedulerWithWarmup(LRScheduler):
         power: float = 0.9,
         last_epoch: int = -1,
     ) -> None:
-        if mode not in SCHEDULE_MODES:
-            raise ValueError(f"unknown lr schedule mode {mode!r}; valid modes: {list(SCHEDULE_MODES)}")
+        schedule_mode(mode)
         if warmup_method not in WARMUP_METHODS:
             raise ValueError(f"unknown warmup_method {warmup_method!r}; valid methods: {list(WARMUP_METHODS)}")
         if list(milestones) != sorted(milestones):

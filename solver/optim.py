@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from utils.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "OPTIMIZERS",
     "build_optimizer",
     "build_param_groups",
+    "optimizer_class",
 ]
 
 CROSS_MODAL_PREFIXES = ("cross_attn", "cross_modal_transformer")
@@ -134,6 +137,17 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The optimizer registered as ``name`` in ``OPTIMIZERS`` (``solver.optimizer``).
+
+    Raises:
+        ConfigError: an unknown name, listing the valid ones.
+    """
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"solver.optimizer: unknown optimizer {name!r}; valid names: {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
+
+
 def build_optimizer(
     model: nn.Module,
     *,
@@ -164,11 +178,10 @@ def build_optimizer(
             (``bias_lr_factor``, ``weight_decay_bias``, ``lr_factor``,
             ``cross_prefixes``, ``head_prefixes``, ``frozen_prefixes``).
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; valid names: {sorted(OPTIMIZERS)}")
+    optimizer = optimizer_class(name)
     if len(betas) != 2:
         raise ValueError(f"betas must hold two values, got {list(betas)}")
     groups = build_param_groups(model, lr=lr, weight_decay=weight_decay, **group_kwargs)
-    if name == "SGD":
+    if optimizer is torch.optim.SGD:
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    return OPTIMIZERS[name](groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps)
+    return optimizer(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps)

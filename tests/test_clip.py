@@ -24,6 +24,9 @@ from model.clip import (
     infer_clip_config,
     resize_pos_embed,
 )
+from model.weights import IncompatibleWeightsError
+from utils.config import ConfigError
+from utils.errors import UserInputError
 
 TINY_SIZE = (64, 32)
 EOT = 49407
@@ -360,6 +363,25 @@ def test_non_square_grid_of_other_size_fails(tmp_path):
         build_clip(str(path), image_size=(96, 32))
 
 
+def test_image_smaller_than_the_checkpoint_patch_names_the_config_key(tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save(_tiny().state_dict(), path)  # 16-pixel patches
+    with pytest.raises(ConfigError, match=r"model\.clip\.image_size=\[8, 32\]: smaller than the 16-pixel patch of "
+                                          r".*tiny\.pt"):
+        build_clip(str(path), image_size=(8, 32))
+
+
+def test_weights_of_another_shape_are_named_with_both_shapes(tmp_path):
+    sd = _tiny().state_dict()
+    sd["visual.ln_pre.weight"] = sd["visual.ln_pre.weight"][:64].clone()
+    path = tmp_path / "wrong_shape.pt"
+    torch.save(sd, path)
+    with pytest.raises(IncompatibleWeightsError, match=r"wrong_shape\.pt: state dict does not match CLIP; shape "
+                                                       r"mismatches \(1\): visual\.ln_pre\.weight \(64,\) vs model "
+                                                       r"\(128,\)"):
+        build_clip(str(path), image_size=TINY_SIZE)
+
+
 def test_missing_and_unexpected_keys_are_reported(tmp_path):
     sd = _tiny().state_dict()
     del sd["ln_final.bias"]
@@ -422,6 +444,7 @@ def test_cache_env_var_is_the_default(tmp_path, offline, monkeypatch):
 def test_missing_file_offline_gives_clear_error(tmp_path, offline):
     with pytest.raises(FileNotFoundError) as info:
         build_clip("ViT-B/16", cache_dir=str(tmp_path / "cache"))
+    assert isinstance(info.value, UserInputError)  # the tools print it as one line
     message = str(info.value)
     assert str(tmp_path / "cache" / "ViT-B-16.pt") in message
     assert OPENAI_URLS["ViT-B/16"] in message
@@ -438,8 +461,9 @@ def _serve(monkeypatch, payload: bytes) -> None:
 
 def test_corrupt_download_fails_sha_check_and_leaves_nothing(tmp_path, monkeypatch):
     _serve(monkeypatch, b"this is not the checkpoint")
-    with pytest.raises(RuntimeError, match="SHA-256 mismatch"):
+    with pytest.raises(RuntimeError, match="SHA-256 mismatch") as info:
         build_clip("ViT-B/16", cache_dir=str(tmp_path))
+    assert isinstance(info.value, UserInputError)
     assert os.listdir(tmp_path) == []
 
 

@@ -111,6 +111,43 @@ def test_missing_file_and_cycle(tmp_path):
         load_config(tmp_path / "broken.yaml")
 
 
+@pytest.mark.parametrize("text, fragment", [
+    ("solver: [1, 2\n", "line 2, column 1: expected ',' or ']', but got '<stream end>' "
+                        "(while parsing a flow sequence at line 1, column 9)"),
+    ("solver:\n\tlr: 0.1\n", "line 2, column 1: found character '\\t' that cannot start any token "
+                             "(YAML is indented with spaces, not tabs)"),
+    ("!!python/object/apply:os.system ['true']\n",
+     "line 1, column 1: the tag '!!python/object/apply:os.system' is not allowed (a config holds plain values "
+     "only)"),
+])
+def test_yaml_errors_are_one_line_with_line_and_column(tmp_path, text, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"cannot parse YAML in {path}: {fragment}"
+
+
+def test_a_file_that_is_not_text_is_named(tmp_path):
+    path = tmp_path / "last.pth"
+    path.write_bytes(b"PK\x03\x04" + bytes(range(256)))
+    with pytest.raises(ConfigError, match=r"last\.pth is not a YAML text file \(byte \d+ is not UTF-8 text\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("solver.betas=[0.9,", "override 'solver.betas=[0.9,': cannot parse the value as YAML: column 6: "
+                           "expected the node content, but found '<stream end>'"),
+    ("solver.lr=!!python/name:os.system", "override 'solver.lr=!!python/name:os.system': cannot parse the value "
+                                          "as YAML: column 1: the tag '!!python/name:os.system' is not allowed "
+                                          "(a config holds plain values only)"),
+])
+def test_override_yaml_errors_are_one_line(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value) == message
+
+
 def test_resolved_round_trip(tmp_path):
     cfg = load_config(None, ["solver.lr=3e-4", "data.name=CUHK-PEDES", "model.clip.arch=tiny"])
     save_config(cfg, tmp_path / "run" / "config.yaml")

@@ -27,6 +27,7 @@ class Case(NamedTuple):
 PROB = "a number in [0, 1]"
 CASES = [
     Case("task", ("pretrain", "finetune"), "train", "'train'", "one of 'pretrain', 'finetune'"),
+    Case("device", ("auto", "cpu", "cuda", "cuda:1"), "gpu0", "'gpu0'", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
     Case("precision", ("fp32", "bf16", "fp16"), "fp8", "'fp8'", "one of 'fp32', 'bf16', 'fp16'"),
     Case("seed", ("0", "2147483647"), "-1", "-1", "an integer in [0, 2147483647]"),
     Case("log_period", ("1",), "0", "0", "an integer >= 1"),
@@ -38,9 +39,14 @@ CASES = [
     Case("model.loss_weights.itc", ("0",), "-1", "-1.0", "a number >= 0"),
     Case("model.loss_weights.id", ("0",), "-1", "-1.0", "a number >= 0"),
     Case("model.loss_weights.mlm", ("0",), "-1", "-1.0", "a number >= 0"),
+    Case("gass.scoring", ("gass", "css"), "bm25", "'bm25'", "one of 'gass', 'css'"),
     Case("gass.num_layers", ("1",), "0", "0", "an integer >= 1"),
     Case("gass.scales", ("[1]",), "[]", "[]", "a non-empty list, each an integer >= 1"),
+    Case("gass.attn_norm", ("importance", "attention"), "softmax", "'softmax'", "one of 'importance', 'attention'"),
+    Case("gass.normalize", ("batch", "sample"), "global", "'global'", "one of 'batch', 'sample'"),
+    Case("gass.refresh", ("epoch", "step"), "never", "'never'", "one of 'epoch', 'step'"),
     Case("gass.init_score", ("0", "1"), "1.5", "1.5", PROB),
+    Case("masking.mlm", ("informative", "random", "none"), "bert", "'bert'", "one of 'informative', 'random', 'none'"),
     Case("masking.noise_max_prob", ("0", "1"), "1.1", "1.1", PROB),
     Case("masking.noise_slope", ("0",), "-1", "-1.0", "a number >= 0"),
     Case("masking.noise_center", ("0", "1"), "-0.1", "-0.1", PROB),
@@ -51,11 +57,14 @@ CASES = [
     Case("masking.mask_ratio", ("0", "1"), "1.2", "1.2", PROB, ("masking.random_ratio=0",)),
     Case("masking.random_ratio", ("0", "1"), "-0.1", "-0.1", PROB, ("masking.mask_ratio=0",)),
     Case("data.text_length", ("8", "77"), "2", "2", "an integer in [8, 77]"),
+    Case("data.sampler", ("random", "identity"), "pk", "'pk'", "one of 'random', 'identity'"),
     Case("data.num_instances", ("1",), "0", "0", "an integer >= 1"),
     Case("data.batch_size", ("1",), "0", "0", "an integer >= 1"),
     Case("data.test_batch_size", ("1",), "0", "0", "an integer >= 1"),
     Case("data.num_workers", ("0",), "-1", "-1", "an integer >= 0"),
     Case("eval.period", ("0",), "-1", "-1", "an integer >= 0"),
+    Case("eval.select_split", ("val", "test"), "train", "'train'", "one of 'val', 'test'"),
+    Case("eval.fallback_split", ("val", "test", "none"), "", "''", "one of 'val', 'test', 'none'"),
     Case("eval.chunk_size", ("1",), "0", "0", "an integer >= 1"),
     Case("solver.lr", ("1e-12",), "0", "0.0", "a number > 0", ("solver.target_lr=0",)),
     Case("solver.weight_decay", ("0",), "-1e-4", "-0.0001", "a number >= 0"),
@@ -65,6 +74,7 @@ CASES = [
     Case("solver.momentum", ("0", "1"), "1.5", "1.5", PROB),
     Case("solver.betas", ("[0, 0.999999]",), "[0.9, 1.0]", "[0.9, 1.0]", "a list of 2 values, each a number in [0, 1)"),
     Case("solver.eps", ("1e-12",), "0", "0.0", "a number > 0"),
+    Case("solver.warmup_method", ("constant", "linear"), "cubic", "'cubic'", "one of 'constant', 'linear'"),
     Case("solver.warmup_epochs", ("0",), "-1", "-1", "an integer >= 0"),
     Case("solver.warmup_factor", ("0", "1"), "1.5", "1.5", PROB),
     Case("solver.milestones", ("[]", "[1, 2]"), "[50, 20]", "[50, 20]",
@@ -199,10 +209,40 @@ def test_check_config_after_apply_overrides():
         check_config(cfg)
 
 
-def test_enumerations_match_the_code_that_reads_them():
-    from processor.engine import PRECISIONS
+def _choices(key: str) -> tuple[str, ...]:
+    """The values a `one_of` rule allows, read back from its message."""
+    allowed = RULES[key].allowed
+    assert allowed.startswith("one of "), key
+    return tuple(part.strip("'") for part in allowed.removeprefix("one of ").split(", "))
 
-    assert RULES["precision"].allowed == "one of " + ", ".join(repr(p) for p in PRECISIONS)
+
+def test_enumerations_match_the_code_that_reads_them():
+    from datasets.build import MLM_MODES, SAMPLERS
+    from datasets.score_cache import REFRESH_POLICIES
+    from model.build import SCORINGS
+    from model.gass import ATTN_NORMS, NORMALIZATIONS
+    from processor.engine import EVAL_SPLITS, PRECISIONS
+    from solver.lr_scheduler import WARMUP_METHODS
+    from tools.train import TASKS
+
+    code = {"task": tuple(TASKS), "precision": tuple(PRECISIONS), "data.sampler": SAMPLERS, "masking.mlm": MLM_MODES,
+            "gass.scoring": SCORINGS, "gass.attn_norm": ATTN_NORMS, "gass.normalize": NORMALIZATIONS,
+            "gass.refresh": REFRESH_POLICIES, "solver.warmup_method": WARMUP_METHODS,
+            "eval.select_split": EVAL_SPLITS, "eval.fallback_split": (*EVAL_SPLITS, "none")}
+    for key, names in code.items():
+        assert sorted(_choices(key)) == sorted(names), key
+    # Every `one_of` rule is tied to the code it mirrors.
+    assert {key for key, rule in RULES.items() if rule.allowed.startswith("one of ")} == set(code)
+
+
+def test_device_rule_accepts_what_resolve_device_understands():
+    from processor.engine import resolve_device
+
+    for spec in ("auto", "cpu"):
+        load_config(None, [f"device={spec}"])
+        resolve_device(spec)
+    with pytest.raises(ConfigError, match=r"device='gpu0': not a device"):
+        resolve_device("gpu0")
 
 
 def test_gass_depth_is_checked_against_the_built_text_tower():
@@ -214,3 +254,24 @@ def test_gass_depth_is_checked_against_the_built_text_tower():
     # Only GASS scoring reads the layers.
     check_gass_depth(load_config(TINY_PRETRAIN, ["gass.num_layers=5", "gass.enabled=false"]), 4)
     check_gass_depth(load_config(TINY_PRETRAIN, ["gass.num_layers=5", "gass.scoring=css"]), 4)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("data.name=Market1501", "data.name: unknown dataset 'Market1501'"),
+    ("eval.datasets=[CUHK-PEDES, Bogus]", "eval.datasets: unknown dataset 'Bogus'"),
+    ("model.clip.arch=ViT-Z/99", "model.clip.arch: unknown CLIP preset 'ViT-Z/99'; valid presets: ["),
+    ("model.clip.image_size=[8, 64]", "model.clip.image_size=[8, 64]: smaller than the 16-pixel patch of "
+                                      "model.clip.arch='tiny'"),
+    ("model.loss_names=sdm+foo", "model.loss_names='sdm+foo': unknown ['foo']; valid names are ["),
+    ("solver.optimizer=Adamm", "solver.optimizer: unknown optimizer 'Adamm'; valid names: ["),
+    ("solver.scheduler=cosin", "solver.scheduler: unknown lr schedule mode 'cosin'; valid modes: ["),
+])
+def test_names_only_a_registry_knows_are_checked_before_anything_is_built(override, fragment):
+    """The trainer asks every registry before reading data or weights; each refusal names key and value."""
+    from processor.engine import check_components
+
+    cfg = load_config(TINY_PRETRAIN, [override])
+    with pytest.raises(ConfigError) as info:
+        check_components(cfg)
+    assert fragment in str(info.value)
+    check_components(load_config(TINY_PRETRAIN))

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.weights import load_model_weights, read_checkpoint, unwrap_state_dict
+from model.weights import CheckpointNotFoundError, load_model_weights, read_checkpoint, unwrap_state_dict
 from utils import comm
 from utils.errors import UserInputError
 
@@ -539,7 +539,8 @@ def find_resume(run_dir: str | os.PathLike, resume: str) -> str | None:
             (fresh start); ``""`` -> None; anything else is a checkpoint path.
 
     Raises:
-        FileNotFoundError: an explicit path that does not exist or is a directory.
+        CheckpointNotFoundError: an explicit path that does not exist or is a directory
+            (a FileNotFoundError naming ``train.resume``).
     """
     if resume is None or resume == "":
         return None
@@ -553,10 +554,10 @@ def find_resume(run_dir: str | os.PathLike, resume: str) -> str | None:
     path = Path(resume).expanduser()
     if path.is_dir():
         hint = f"; did you mean {path / 'last.pth'}?" if (path / "last.pth").is_file() else ""
-        raise FileNotFoundError(f"train.resume={resume!r} is a directory, expected a checkpoint file{hint}")
+        raise CheckpointNotFoundError(f"train.resume={resume!r} is a directory, expected a checkpoint file{hint}")
     if not path.is_file():
-        raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint file (use 'auto' to resume from "
-                                f"<output_dir>/last.pth when it exists, or '' to start fresh)")
+        raise CheckpointNotFoundError(f"train.resume={resume!r}: no such checkpoint file (use 'auto' to resume "
+                                      "from <output_dir>/last.pth when it exists, or '' to start fresh)")
     return str(path)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -122,15 +123,52 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not a YAML text file (byte {err.start} is not UTF-8 text); "
+                          "give a config .yaml file") from err
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse YAML in {path}: {exc}") from exc
+        raise ConfigError(f"cannot parse YAML in {path}: {_yaml_problem(exc)}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+_UNKNOWN_TAG = re.compile(r"constructor for the tag '([^']*)'")
+
+
+def _yaml_problem(exc: yaml.YAMLError, *, lines: bool = True) -> str:
+    """PyYAML's error as one clause: where (line and column) and what, without its source excerpt.
+
+    Args:
+        exc: The parser's error.
+        lines: Name the line (off for a one-line override value, where only the column helps).
+    """
+    if isinstance(exc, yaml.reader.ReaderError):
+        return (f"character {chr(exc.character)!r} at position {exc.position} is not allowed in YAML "
+                f"({exc.reason})")
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+    def where(mark: yaml.Mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}" if lines else f"column {mark.column + 1}"
+
+    problem = exc.problem or "invalid YAML"
+    tag = _UNKNOWN_TAG.search(problem)
+    if tag:
+        shown = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+        problem = f"the tag {shown!r} is not allowed (a config holds plain values only)"
+    elif "'\\t'" in problem:
+        problem += " (YAML is indented with spaces, not tabs)"
+    text = f"{where(exc.problem_mark)}: {problem}"
+    # Where the construct that is left open began ("while parsing a flow sequence at line 2").
+    if exc.context and exc.context_mark is not None and where(exc.context_mark) != where(exc.problem_mark):
+        text += f" ({exc.context} at {where(exc.context_mark)})"
+    return text
 
 
 def _coerce(value: Any, default: Any, where: str) -> Any:
@@ -283,7 +321,8 @@ def apply_overrides(cfg: Config, overrides: Iterable[str], schema: dict | None =
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: cannot parse value as YAML: {exc}") from exc
+            raise ConfigError(f"override {item!r}: cannot parse the value as YAML: "
+                              f"{_yaml_problem(exc, lines=False)}") from exc
         nested: dict = value
         for part in reversed(dotted.split(".")):
             nested = {part: nested}

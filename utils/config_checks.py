@@ -4,8 +4,14 @@
 may be; `RELATIONS` ties several keys together. `config_violations` returns
 one readable line per broken rule, naming the key, the value, where it was set
 and what is allowed; `utils.config.load_config` raises them as a ConfigError.
-Names that other modules already validate against their registries (dataset,
-scheduler, optimizer, sampler, loss names ...) are left to those modules.
+
+Fixed sets of modes (sampler, masking, GASS options, warm-up, precision, task)
+are listed here, so a typo fails when the config loads, before any data or
+weights are read; tests/test_config_checks.py checks each list against the code
+that reads the value. Names looked up in a registry that code can extend
+(datasets, CLIP presets, loss names, optimizers, schedulers) are left to the
+registry, whose unknown-name error is a ConfigError naming the key, the value
+and the valid names.
 
 Keys that only the model can bound (``gass.num_layers`` against the text
 depth of the chosen backbone) are checked by `gass_depth_violation`, which
@@ -15,6 +21,7 @@ the model builder calls with the depth it built.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +123,11 @@ def list_of(item: Rule, *, length: int | None = None, min_length: int = 0, incre
     return Rule(test, text)
 
 
+def matches(pattern: str, allowed: str) -> Rule:
+    """A string matching the regular expression `pattern` in full."""
+    return Rule(lambda value: isinstance(value, str) and re.fullmatch(pattern, value) is not None, allowed)
+
+
 POSITIVE_INT = number(1, integer=True)
 NON_NEGATIVE_INT = number(0, integer=True)
 POSITIVE = number(0, low_open=True)
@@ -124,6 +136,7 @@ PROBABILITY = number(0, 1)
 
 RULES: dict[str, Rule] = {
     "task": one_of("pretrain", "finetune"),
+    "device": matches(r"auto|cpu|cuda(:\d+)?", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
     "precision": one_of("fp32", "bf16", "fp16"),
     "seed": number(0, MAX_SEED, integer=True),
     "log_period": POSITIVE_INT,
@@ -132,9 +145,14 @@ RULES: dict[str, Rule] = {
     "model.temperature": POSITIVE,
     "model.cmt_depth": POSITIVE_INT,
     "model.loss_weights.*": NON_NEGATIVE,
+    "gass.scoring": one_of("gass", "css"),
     "gass.num_layers": POSITIVE_INT,
     "gass.scales": list_of(POSITIVE_INT, min_length=1),
+    "gass.attn_norm": one_of("importance", "attention"),
+    "gass.normalize": one_of("batch", "sample"),
+    "gass.refresh": one_of("epoch", "step"),
     "gass.init_score": PROBABILITY,
+    "masking.mlm": one_of("informative", "random", "none"),
     "masking.noise_max_prob": PROBABILITY,
     "masking.noise_slope": NON_NEGATIVE,
     "masking.noise_center": PROBABILITY,
@@ -145,11 +163,14 @@ RULES: dict[str, Rule] = {
     "masking.mask_ratio": PROBABILITY,
     "masking.random_ratio": PROBABILITY,
     "data.text_length": number(MIN_TEXT_LENGTH, MAX_TEXT_LENGTH, integer=True),
+    "data.sampler": one_of("random", "identity"),
     "data.num_instances": POSITIVE_INT,
     "data.batch_size": POSITIVE_INT,
     "data.test_batch_size": POSITIVE_INT,
     "data.num_workers": NON_NEGATIVE_INT,
     "eval.period": NON_NEGATIVE_INT,
+    "eval.select_split": one_of("val", "test"),
+    "eval.fallback_split": one_of("val", "test", "none"),
     "eval.chunk_size": POSITIVE_INT,
     "solver.lr": POSITIVE,
     "solver.weight_decay": NON_NEGATIVE,
@@ -159,6 +180,7 @@ RULES: dict[str, Rule] = {
     "solver.momentum": PROBABILITY,
     "solver.betas": list_of(number(0, 1, high_open=True), length=2),
     "solver.eps": POSITIVE,
+    "solver.warmup_method": one_of("constant", "linear"),
     "solver.warmup_epochs": NON_NEGATIVE_INT,
     "solver.warmup_factor": PROBABILITY,
     "solver.milestones": list_of(POSITIVE_INT, increasing=True),
