@@ -390,6 +390,18 @@ def test_visualize_gass_errors(trained, synthetic_root, tmp_path, capsys):
     assert "no caption of the train split is listed in noise_report.json" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("tool", [visualize_gass, visualize_retrieval])
+def test_visualize_tools_check_outputs_before_loading(tool, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    base = ["--checkpoint", str(tmp_path / "missing.pth"), "--dataset", "CUHK-PEDES"]
+    assert tool.main([*base, "--out", str(blocker / "f.png")]) == 2
+    assert f"--out {blocker / 'f.png'} cannot be written: {blocker} is a file" in capsys.readouterr().err
+    assert tool.main([*base, "--out", str(tmp_path / "f.png"), "--thumb-height", "0"]) == 2
+    assert "--thumb-height must be between" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["blocker"]
+
+
 # --------------------------------------------------------------------------- plot_curves
 
 
@@ -417,6 +429,10 @@ def test_plot_curves_without_eval_records_and_bad_lines(tmp_path, capsys):
              for e in range(3)]
     lines.append({"type": "train", "epoch": 2, "loss": 9.0, "sdm_loss": 1.5, "mlm_loss": 0.5, "lr": 1e-5})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    assert plot_curves.main(["--run", str(run), "--out", str(blocker / "c.png")]) == 2
+    assert f"--out {blocker / 'c.png'} cannot be written: {blocker} is a file" in capsys.readouterr().err
     assert plot_curves.main(["--run", str(run)]) == 0
     not_blank(run / "curves.png")
     curves = plot_curves.collect_curves(lines)
@@ -534,3 +550,8 @@ def test_make_tables_errors(tmp_path, capsys):
     assert f"{bad / 'metrics.jsonl'}:2: expected a JSON object, got list" in capsys.readouterr().err
     assert make_tables.main(["--runs", str(tmp_path / "missing")]) == 2
     assert "run directory" in capsys.readouterr().err
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    assert make_tables.main(["--runs", str(tmp_path / "noconfig"), "--task", "pretrain", "--out",
+                             str(blocker / "t.md")]) == 2
+    assert f"--out {blocker / 't.md'} cannot be written: {blocker} is a file" in capsys.readouterr().err

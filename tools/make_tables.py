@@ -32,6 +32,7 @@ from prettytable import PrettyTable  # noqa: E402
 
 from processor.evaluate import is_number  # noqa: E402
 from tools.common import ToolError, read_records, run_tool  # noqa: E402
+from utils.output_paths import check_output_path  # noqa: E402
 
 BENCHMARKS = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid")
 FINETUNE_METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -229,11 +230,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out:
+        check_output_path(args.out, "--out")
     runs = [collect_run(run, args.task) for run in args.runs]
     text = render(runs, args.format)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text, encoding="utf-8")
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text, encoding="utf-8")
+        except OSError as err:
+            raise ToolError(f"cannot write --out {args.out}: {err.strerror or err}") from err
         print(f"tables written to {args.out}")
     else:
         print(text, end="")

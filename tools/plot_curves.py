@@ -24,6 +24,7 @@ from PIL import Image  # noqa: E402
 
 from processor.evaluate import is_number  # noqa: E402
 from tools.common import ToolError, read_records, run_tool  # noqa: E402
+from utils.output_paths import check_output_path  # noqa: E402
 from utils.visualize import SERIES_COLOURS, WHITE, Series, draw_line_chart, load_font, save_png  # noqa: E402
 
 #: Smallest figure whose three panels still fit their labels (width, height).
@@ -111,9 +112,9 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.run):
         raise ToolError(f"run directory {args.run} not found")
     size = parse_size(args.size)
+    out = check_output_path(args.out or os.path.join(args.run, "curves.png"), "--out")
     curves = collect_curves(read_records(os.path.join(args.run, "metrics.jsonl")))
     name = os.path.basename(os.path.normpath(args.run))
-    out = args.out or os.path.join(args.run, "curves.png")
     save_png(render(curves, size, name), out)
     epochs = sorted({e for points in curves["loss"].values() for e in points})
     print(f"{len(epochs)} training epoch(s), {len(curves['R1'])} evaluated set(s); saved {out}")

@@ -386,6 +386,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_thumb_height(value: int) -> None:
+    """Refuse a --thumb-height outside `THUMB_HEIGHT_RANGE` (a ToolError naming the flag)."""
+    low, high = THUMB_HEIGHT_RANGE
+    if not low <= value <= high:
+        raise ToolError(f"--thumb-height must be between {low} and {high} pixels, got {value}")
+
+
 def check_arguments(args: argparse.Namespace) -> list[str]:
     """Refuse bad numbers, empty queries and unwritable outputs before any work; returns the queries.
 
@@ -394,9 +401,7 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
     """
     if args.topk < 1:
         raise ToolError(f"--topk must be >= 1, got {args.topk}")
-    low, high = THUMB_HEIGHT_RANGE
-    if not low <= args.thumb_height <= high:
-        raise ToolError(f"--thumb-height must be between {low} and {high} pixels, got {args.thumb_height}")
+    check_thumb_height(args.thumb_height)
     queries = [q.strip() for q in args.query]
     for i, query in enumerate(queries):
         if not query:

@@ -44,7 +44,8 @@ from datasets.masking import informative_mask, noise_mask  # noqa: E402
 from datasets.transforms import build_transforms  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from tools.common import ToolError, run_tool  # noqa: E402
-from tools.search import image_size_of, load_run_model, open_dataset  # noqa: E402
+from tools.search import check_thumb_height, image_size_of, load_run_model, open_dataset  # noqa: E402
+from utils.output_paths import check_output_path  # noqa: E402
 from utils.visualize import (  # noqa: E402
     BLACK,
     BLUE,
@@ -484,6 +485,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> list[CaptionView]:
     """Compute, print and draw as the parsed arguments say."""
+    check_thumb_height(args.thumb_height)
+    check_output_path(args.out, "--out")
     cfg, model, device = load_run_model(args.checkpoint, args.config, args.overrides, trust=args.trust)
     root = args.root or cfg.data.root
     annotation = args.annotation or (cfg.data.annotation if cfg.data.name == args.dataset else None)

@@ -29,7 +29,8 @@ from datasets import build_dataset  # noqa: E402
 from datasets.bases import EvalSplit, ImageReadError, open_image  # noqa: E402
 from processor.evaluate import build_evaluator  # noqa: E402
 from tools.common import ToolError, run_tool  # noqa: E402
-from tools.search import image_size_of, load_run_model  # noqa: E402
+from tools.search import check_thumb_height, image_size_of, load_run_model  # noqa: E402
+from utils.output_paths import check_output_path  # noqa: E402
 from utils.visualize import (  # noqa: E402
     BLACK,
     GREEN,
@@ -225,6 +226,8 @@ def run(args: argparse.Namespace) -> list[QueryResult]:
     """Rank, print and draw as the parsed arguments say."""
     if args.topk < 1:
         raise ToolError(f"--topk must be >= 1, got {args.topk}")
+    check_thumb_height(args.thumb_height)
+    check_output_path(args.out, "--out")
     cfg, model, device = load_run_model(args.checkpoint, args.config, args.overrides, trust=args.trust)
     root = args.root or cfg.eval.root or cfg.data.root
     try:
