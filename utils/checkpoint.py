@@ -44,6 +44,7 @@ __all__ = [
     "FORMAT_VERSION",
     "SAFE_ON_RESUME",
     "ResumeConfigError",
+    "ResumeCheckpointError",
     "check_resume_config",
     "Checkpointer",
     "GracefulExit",
@@ -237,6 +238,10 @@ SAFE_ON_RESUME = (
 
 class ResumeConfigError(UserInputError):
     """A run would resume a checkpoint trained with other settings."""
+
+
+class ResumeCheckpointError(UserInputError, ValueError):
+    """A checkpoint that a run cannot resume from: weights only, lacking state, or from newer code."""
 
 
 def check_resume_config(saved: Mapping | None, current: Mapping | None, path: str) -> None:
@@ -473,25 +478,26 @@ class Checkpointer:
 
         Raises:
             model.weights.IncompatibleWeightsError: the weights do not fit the model.
-            ValueError: `resume` with a file that is not a training checkpoint of
-                this codebase, or one missing the optimizer/scheduler state this run needs.
+            ResumeCheckpointError: a file written by newer code, or `resume` with one that is not
+                a training checkpoint of this codebase or lacks the optimizer/scheduler state
+                this run needs (also a ValueError).
         """
         path = os.fspath(path)
         if ckpt is None:
             ckpt = read_checkpoint(path, trust=trust)
         version = ckpt.get("format_version") if isinstance(ckpt, Mapping) else None
         if isinstance(version, int) and version > FORMAT_VERSION:
-            raise ValueError(f"{path}: checkpoint format_version {version} is newer than this code "
-                             f"understands ({FORMAT_VERSION}); update the code")
+            raise ResumeCheckpointError(f"{path}: checkpoint format_version {version} is newer than this code "
+                                        f"understands ({FORMAT_VERSION}); update the code")
         load_model_weights(unwrap_model(self.model), unwrap_state_dict(ckpt, source=path), source=path)
         meta = {key: ckpt.get(key) if isinstance(ckpt, Mapping) else None
                 for key in ("epoch", "step", "best_metrics", "extra", "num_classes", "config")}
         if not resume:
             return meta
         if version is None or "rng" not in ckpt or "epoch" not in ckpt:
-            raise ValueError(f"{path} is not a training checkpoint of this codebase (no format_version/epoch/"
-                             "rng): it holds weights only, so a run cannot resume from it. Load it as "
-                             "pretrained weights instead (model.finetune=...), or use resume=False")
+            raise ResumeCheckpointError(f"{path} is not a training checkpoint of this codebase (no format_version/"
+                                        "epoch/rng): it holds weights only, so a run cannot resume from it. Load it "
+                                        "as pretrained weights instead (model.finetune=...), or use resume=False")
         _log_config_changes(ckpt.get("config"), self.config, path)
         self._load_component("optimizer", self.optimizer, ckpt, path, required=True)
         self._load_component("scheduler", self.scheduler, ckpt, path, required=True)
@@ -510,8 +516,8 @@ class Checkpointer:
             return
         if state is None:
             if required:
-                raise ValueError(f"{path} has no {name} state but this run has a {name}; resuming would "
-                                 "silently restart it (start a fresh run, or load the weights only)")
+                raise ResumeCheckpointError(f"{path} has no {name} state but this run has a {name}; resuming "
+                                            "would silently restart it (start a fresh run, or load the weights only)")
             logger.warning("%s: has no %s state; the %s starts fresh", path, name, name)
             return
         component.load_state_dict(state)
