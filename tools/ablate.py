@@ -46,12 +46,13 @@ from model.tokenizer import Tokenizer  # noqa: E402
 from model.weights import load_model_weights, read_checkpoint, unwrap_state_dict  # noqa: E402
 from processor.engine import Trainer  # noqa: E402
 from processor.pretrain import PretrainTask  # noqa: E402
-from tools.common import ToolError  # noqa: E402
+from tools.common import ToolError, one_line  # noqa: E402
 from tools.visualize_gass import CaptionSource, corrupted_positions, load_noise_report, match_noise_entries  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.errors import UserInputError  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
+from utils.output_paths import check_output_path  # noqa: E402
 
 CONFIG = REPO / "configs" / "demo" / "tiny_pretrain.yaml"
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -230,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, list[dict[str, float]]] = {}
     start = time.time()
     try:
+        # Hours of training must not end in a file that cannot be written.
+        check_output_path(args.out, "--out", folder=True)
+        if args.table:
+            check_output_path(args.table, "--table")
         if not (data / "meta.json").exists():
             print(f"generating the synthetic data into {data} ...", flush=True)
             generate(data, SyntheticConfig(), workers=2)
@@ -241,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"         R1 {result['R1']:.1f}  mAP {result['mAP']:.1f}  noise AUC "
                       f"{result['noise_auc']:.3f}  (best epoch {result['best_epoch']})", flush=True)
     except UserInputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except Interrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
