@@ -18,6 +18,7 @@ import abc
 import array
 import collections
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -438,12 +439,17 @@ def check_id(value: Any, file: str, index: int, what: str = "'id'") -> int:
     return value
 
 
-def caption_is_empty(text: str) -> bool:
-    """Whether the tokenizer's cleaning leaves nothing of ``text`` (``model.tokenizer.cleans_to_empty``)."""
+@functools.cache
+def _tokenizer_cleans_to_empty() -> Callable[[str], bool]:
     # Imported on first use: `import datasets` stays free of torch, which the model package loads.
     from model.tokenizer import cleans_to_empty
 
-    return cleans_to_empty(text)
+    return cleans_to_empty
+
+
+def caption_is_empty(text: str) -> bool:
+    """Whether the tokenizer's cleaning leaves nothing of ``text`` (``model.tokenizer.cleans_to_empty``)."""
+    return _tokenizer_cleans_to_empty()(text)
 
 
 def check_caption(value: Any, file: str, index: int, what: str) -> str:
