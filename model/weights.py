@@ -4,9 +4,11 @@ Checkpoints are untrusted input: they are read with `torch.load(weights_only=Tru
 a file that needs arbitrary unpickling is refused unless the caller explicitly
 trusts it. A file that is not a torch.save checkpoint at all (text, random bytes,
 a bare pickle) or is truncated is recognised before any unpickling and reported
-as such, never as "needs trust", and is not unpickled even when trusted. Loading never succeeds silently with keys left out: the exact sets of
-missing and unexpected keys are checked against what the caller allows (e.g. a
-pretrain -> fine-tune load may miss only `classifier.*`) and reported readably.
+as such, never as "needs trust", and is not unpickled even when trusted.
+
+Loading never succeeds silently with keys left out: the exact sets of missing and
+unexpected keys are checked against what the caller allows (e.g. a pretrain ->
+fine-tune load may miss only `classifier.*`) and reported readably.
 """
 
 from __future__ import annotations
