@@ -9,7 +9,8 @@
 * ``PedesJsonDataset``, the loader shared by CUHK-PEDES, ICFG-PEDES and
   RSTPReid (one JSON list of per-image records; a repeated image path is kept
   as its own image, as the IRRA loaders do, and counted);
-* ``open_image``, which reads plain files and ``shard.tar::member`` paths.
+* ``open_image``, which reads plain files, ``shard.tar::member`` paths and
+  members of registered containers (``register_container_reader``).
 """
 
 from __future__ import annotations
@@ -743,6 +744,30 @@ def register_tar_resolver(shard: str, resolver: Callable[[str], tuple[int, int] 
     _TAR_RESOLVERS[os.path.abspath(shard)] = resolver
 
 
+#: Readers of images stored in other containers (e.g. Parquet files), by absolute container path.
+_CONTAINER_READERS: dict[str, Callable[[str], bytes]] = {}
+
+
+def register_container_reader(container: str, reader: Callable[[str], bytes]) -> None:
+    """Let ``open_image`` read ``<container>::<member>`` paths as ``reader(member)`` (encoded image bytes).
+
+    The reader raises FileNotFoundError for a member it does not hold, and
+    AnnotationError or OSError for one it cannot read.
+    """
+    _CONTAINER_READERS[os.path.abspath(container)] = reader
+
+
+def _image_source(path: str) -> Any:
+    """What ``Image.open`` reads for ``path``: the path itself, or the bytes of a container member."""
+    container, sep, member = path.partition(TAR_SEPARATOR)
+    if sep and member:
+        reader = _CONTAINER_READERS.get(os.path.abspath(container))
+        if reader is not None:
+            return io.BytesIO(reader(member))
+    tar = split_tar_path(path)
+    return io.BytesIO(read_tar_member(*tar)) if tar else path
+
+
 def read_tar_member(shard: str, member: str) -> bytes:
     """Bytes of one member of an uncompressed tar shard."""
     key = os.path.abspath(shard)
@@ -768,9 +793,7 @@ def open_image(path: str) -> Image.Image:
         ImageReadError: naming the path, if it is missing, unreadable or corrupt.
     """
     try:
-        tar = split_tar_path(path)
-        source: Any = io.BytesIO(read_tar_member(*tar)) if tar else path
-        with Image.open(source) as img:
+        with Image.open(_image_source(path)) as img:
             return img.convert("RGB")
     except FileNotFoundError as e:
         raise ImageReadError(path, "file not found", missing=True) from e
@@ -787,9 +810,7 @@ def verify_image(path: str) -> None:
         ImageReadError: naming the path and the reason.
     """
     try:
-        tar = split_tar_path(path)
-        data: Any = io.BytesIO(read_tar_member(*tar)) if tar else path
-        with Image.open(data) as img:
+        with Image.open(_image_source(path)) as img:
             img.verify()
     except FileNotFoundError as e:
         raise ImageReadError(path, "file not found", missing=True) from e
