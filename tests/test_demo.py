@@ -1,6 +1,7 @@
 """`make demo` runs the whole pipeline; this is its smaller version, end to end."""
 
 import json
+import logging
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from processor.evaluate import build_evaluator
 from processor.inference import load_for_evaluation
 from tests.conftest import load_tool
 from utils.config import load_config
+from utils.logger import setup_logging
 
 
 def train_split(root) -> EvalSplit:
@@ -31,8 +33,16 @@ def test_small_demo_runs_end_to_end_and_learns(tmp_path, capsys):
     demo = load_tool("demo")
     out, data = tmp_path / "demo", tmp_path / "data"
     assert demo.main(["--small", "--out", str(out), "--data", str(data)]) == 0
-    printed = capsys.readouterr().out
+    printed, logged = capsys.readouterr()
     assert "mINP" in printed and "random init (chance)" in printed and "+ fine-tuned" in printed
+    # The console holds the six-step outline, one table and the paths; the details are in the run logs.
+    assert all(f"[{step}/6]" in printed for step in range(1, 7))
+    assert printed.count("mINP") == 1 and len(printed.splitlines()) <= 30, printed
+    assert " INFO " not in logged and "evaluated in" not in printed + logged, logged
+    for run in ("pretrain", "finetune"):
+        log = (out / run / "train.log").read_text()
+        assert "epoch 0 done" in log and "evaluated in" in log
+    assert "saved" in (out / "figures" / "figures.log").read_text()
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"random init (chance)", "GA-DMS pretrained, direct transfer", "+ fine-tuned (IRRA recipe)"}
     for row in results.values():
@@ -58,3 +68,22 @@ def test_small_demo_runs_end_to_end_and_learns(tmp_path, capsys):
     # A second run reuses the generated data instead of regenerating it.
     demo.ensure_data(data, demo.SyntheticConfig(**demo.SIZES["small"].data, seed=0))
     assert "reusing" in capsys.readouterr().out
+
+
+def test_a_console_level_chosen_by_a_tool_survives_the_run_log_setup(tmp_path, capsys):
+    """The demo's quiet console is kept when the Trainer sets up its train.log (at INFO)."""
+    demo_log = logging.getLogger("tests.demo_console")
+    try:
+        setup_logging(None, console_level=logging.WARNING)
+        setup_logging(str(tmp_path))  # what the Trainer calls
+        demo_log.info("detail")
+        demo_log.warning("problem")
+        err = capsys.readouterr().err
+        assert "problem" in err and "detail" not in err
+        assert "detail" in (tmp_path / "train.log").read_text()
+        setup_logging(None, console_level=logging.INFO)  # a tool choosing again
+        setup_logging(str(tmp_path))
+        demo_log.info("shown")
+        assert "shown" in capsys.readouterr().err
+    finally:
+        setup_logging(None, console_level=logging.INFO)

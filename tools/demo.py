@@ -11,6 +11,9 @@ WebPerson corpus, evaluating direct transfer on the synthetic benchmark each
 epoch; (4) fine-tune with the IRRA recipe; (5) evaluate and print the final
 table; (6) draw figures (GASS token scores, retrieval results, training curves).
 Everything lands in one folder (default runs/demo), which is replaced on each run.
+The console shows these steps, the final table and the figure paths; the details
+(per-epoch logs, evaluation tables, the figure tools' output) go to each run's
+train.log and to figures/figures.log.
 
 Nothing of yours is lost: the demo replaces only folders it made. --out must be new,
 empty or an earlier demo's output (it holds .gadms-demo); --data must hold matching
@@ -21,6 +24,7 @@ Any other non-empty folder is refused before anything is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
@@ -137,7 +141,11 @@ def _tool(name: str):
 
 def draw_figures(out: Path, data: Path, pretrain_dir: Path, finetune_dir: Path) -> list[Path]:
     """GASS token scores (pretrained model on noisy WebPerson captions), retrieval rows
-    (fine-tuned model), and training curves of both runs; returns the PNG paths."""
+    (fine-tuned model), and training curves of both runs; returns the PNG paths.
+
+    What the figure tools print (token scores, ranked queries) goes to `<out>/figures/figures.log`;
+    their errors stay on stderr.
+    """
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     jobs = [
@@ -151,11 +159,14 @@ def draw_figures(out: Path, data: Path, pretrain_dir: Path, finetune_dir: Path) 
         ("plot_curves", figures / "curves_finetune.png", ["--run", str(finetune_dir)]),
     ]
     written = []
-    for tool, path, argv in jobs:
-        if _tool(tool).main(argv + ["--out", str(path)]) == 0:
-            written.append(path)
-        else:
-            print(f"      {tool} failed; see the messages above", file=sys.stderr)
+    with open(figures / "figures.log", "w", encoding="utf-8") as details:
+        for tool, path, argv in jobs:
+            with contextlib.redirect_stdout(details):
+                status = _tool(tool).main(argv + ["--out", str(path)])
+            if status == 0:
+                written.append(path)
+            else:
+                print(f"      {tool} failed; see the messages above", file=sys.stderr)
     return written
 
 
@@ -192,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
 
     common = [f"data.root={data}", "eval.root=", "train.resume=", *size.overrides]
     pre_cfg = load_config(PRETRAIN, common + [f"output_dir={out / 'pretrain'}", f"solver.epochs={pre_epochs}"])
-    setup_logging(None, level=logging.WARNING)
+    setup_logging(None, console_level=logging.WARNING)
     device = torch.device("cpu")
     print("[2/6] chance level: evaluating a randomly initialised model ...", flush=True)
     chance = random_baseline(pre_cfg, device)
@@ -225,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
 
     figures: list[Path] = []
     if not args.no_figures:
-        print("[6/6] figures ...", flush=True)
+        print(f"[6/6] figures (details: {out / 'figures' / 'figures.log'}) ...", flush=True)
         figures = draw_figures(out, data, out / "pretrain", out / "finetune")
     print(f"done in {time.time() - start:.0f}s. Outputs in {out}/:")
     print(f"  runs:        {out / 'pretrain'}  {out / 'finetune'}  (checkpoints, train.log, metrics.jsonl, tb/)")
