@@ -41,6 +41,7 @@ from utils.config import Config, ConfigError, save_config
 from utils.logger import setup_logging
 from utils.meters import MeterDict
 from utils.run_lock import RunDirBusyError, RunDirLock
+from utils.threads import apply_threads
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class Trainer:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         logger.info("run directory %s; %d process(es) on %s; precision %s", os.path.abspath(self.run_dir),
                     self.world_size, self.device, cfg.precision if self.device.type == "cuda" else "fp32 (CPU)")
+        apply_threads(cfg.num_threads, data_workers=cfg.data.num_workers, local_ranks=comm.get_local_size())
 
         self.tokenizer = Tokenizer()
         data = build_dataset(cfg.data.name, cfg.data.root, key="data.name", **self._dataset_kwargs(cfg))
@@ -249,6 +251,8 @@ class Trainer:
         kwargs: dict[str, Any] = {"skip_bad_records": cfg.data.skip_bad_records}
         if cfg.data.name == "WebPerson" and cfg.data.annotation:
             kwargs["annotation"] = cfg.data.annotation
+        if cfg.data.name == "WebPerson":
+            kwargs["cache_dir"] = cfg.data.cache_dir
         return kwargs
 
     def _build_score_cache(self) -> ScoreCache | None:

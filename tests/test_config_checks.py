@@ -31,6 +31,7 @@ CASES = [
     Case("precision", ("fp32", "bf16", "fp16"), "fp8", "'fp8'", "one of 'fp32', 'bf16', 'fp16'"),
     Case("seed", ("0", "2147483647"), "-1", "-1", "an integer in [0, 2147483647]"),
     Case("log_period", ("1",), "0", "0", "an integer >= 1"),
+    Case("num_threads", ("0",), "-1", "-1", "an integer >= 0"),
     Case("model.clip.image_size", ("[1, 1]",), "[64, 0]", "[64, 0]", "a list of 2 values, each an integer >= 1"),
     Case("model.clip.stride_size", ("1",), "0", "0", "an integer >= 1"),
     Case("model.temperature", ("1e-6",), "0", "0.0", "a number > 0"),

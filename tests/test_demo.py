@@ -41,7 +41,7 @@ def test_small_demo_runs_end_to_end_and_learns(tmp_path, capsys):
     assert " INFO " not in logged and "evaluated in" not in printed + logged, logged
     for run in ("pretrain", "finetune"):
         log = (out / run / "train.log").read_text()
-        assert "epoch 0 done" in log and "evaluated in" in log
+        assert "epoch 0 done" in log and "evaluated in" in log and "torch threads: " in log
     assert "saved" in (out / "figures" / "figures.log").read_text()
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"random init (chance)", "GA-DMS pretrained, direct transfer", "+ fine-tuned (IRRA recipe)"}

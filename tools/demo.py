@@ -50,6 +50,7 @@ from tools.common import ToolError, run_tool  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 from utils.metrics import format_table  # noqa: E402
+from utils.threads import apply_threads  # noqa: E402
 
 PRETRAIN = REPO / "configs" / "demo" / "tiny_pretrain.yaml"
 FINETUNE = REPO / "configs" / "demo" / "tiny_finetune.yaml"
@@ -204,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     common = [f"data.root={data}", "eval.root=", "train.resume=", *size.overrides]
     pre_cfg = load_config(PRETRAIN, common + [f"output_dir={out / 'pretrain'}", f"solver.epochs={pre_epochs}"])
     setup_logging(None, console_level=logging.WARNING)
+    apply_threads(pre_cfg.num_threads, data_workers=pre_cfg.data.num_workers)
     device = torch.device("cpu")
     print("[2/6] chance level: evaluating a randomly initialised model ...", flush=True)
     chance = random_baseline(pre_cfg, device)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -47,7 +48,9 @@ from processor.inference import load_for_evaluation  # noqa: E402
 from tools.common import ToolError, run_tool  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.config import Config, ConfigError, load_config  # noqa: E402
+from utils.logger import setup_logging  # noqa: E402
 from utils.output_paths import check_output_path  # noqa: E402
+from utils.threads import apply_threads  # noqa: E402
 from utils.visualize import BLACK, GREY, WHITE, fit_thumbnail, load_font, save_png, text_size, wrap_text  # noqa: E402
 
 CACHE_VERSION = 2  # 2: keyed by the gallery files' sizes and mtimes too
@@ -427,6 +430,8 @@ def run(args: argparse.Namespace) -> list[list[Hit]]:
         paths, pids = dataset_gallery(args.dataset, root, args.split, annotation)
         if not paths:
             raise ToolError(f"{args.dataset} {args.split} split has no images")
+    setup_logging(None, console_level=logging.INFO)
+    apply_threads(cfg.num_threads, data_workers=cfg.data.num_workers)
     cache_dir = None if args.no_cache else (
         args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "gallery_cache"))
     start = time.time()

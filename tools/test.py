@@ -13,6 +13,7 @@ the ID classifier are not used by evaluation.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from tools.common import ToolError, run_tool  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 from utils.metrics import format_table  # noqa: E402
+from utils.threads import apply_threads  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, list(args.overrides) + ["model.clip.pretrained="])
-    setup_logging(None)
+    setup_logging(None, console_level=logging.INFO)
+    apply_threads(cfg.num_threads, data_workers=cfg.data.num_workers)
     model = load_for_evaluation(cfg, args.checkpoint, trust=args.trust)
     device = resolve_device(cfg.device)
     model.to(device).eval()

@@ -140,6 +140,7 @@ RULES: dict[str, Rule] = {
     "precision": one_of("fp32", "bf16", "fp16"),
     "seed": number(0, MAX_SEED, integer=True),
     "log_period": POSITIVE_INT,
+    "num_threads": NON_NEGATIVE_INT,
     "model.clip.image_size": list_of(POSITIVE_INT, length=2),
     "model.clip.stride_size": POSITIVE_INT,
     "model.temperature": POSITIVE,
