@@ -6,7 +6,10 @@ For each dataset (default: every corpus folder found under ``--root``) the
 annotation is parsed with bad records collected instead of raised, split
 statistics are printed, and each referenced image (or a random sample of N
 per dataset) must exist, pass ``PIL.Image.verify`` and fully decode. The
-annotation file each dataset was read from is printed. Warnings (an image path
+annotation file each dataset was read from is printed; for WebPerson also its
+format and source files, and for the hub's Parquet files their row groups, rows
+and rows without embedded image bytes (a missing or mistyped column is a
+problem; ``--sample N`` decodes N image payloads). Warnings (an image path
 listed by several records, kept as separate images as the IRRA loaders do;
 CUHK-PEDES split counts that differ from the published ones) are printed but
 do not fail the check. Exits 0 with a short OK summary when clean, 1 with the
@@ -25,6 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets import DATASETS, AnnotationError, ImageReadError, TextReIDDataset, verify_image  # noqa: E402
+from datasets.webperson import WebPerson, parquet_summary  # noqa: E402
 from tools.common import ToolError, run_tool  # noqa: E402
 
 MAX_LISTED = 20
@@ -37,7 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample", type=int, default=None, metavar="N",
                         help="check a random sample of N images per dataset instead of all")
     parser.add_argument("--workers", type=int, default=1, metavar="K", help="processes decoding images")
-    parser.add_argument("--annotation", default=None, help="WebPerson annotation file, shard folder or glob")
+    parser.add_argument("--annotation", default=None,
+                        help="WebPerson annotation file, shard or Parquet folder, or glob")
+    parser.add_argument("--cache-dir", default="", help="WebPerson index cache when the dataset folder is read-only "
+                        "(default ~/.cache/gadms)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --sample")
     args = parser.parse_args(argv)
     if args.sample is not None and args.sample < 1:
@@ -56,7 +63,23 @@ def detect_datasets(root: str) -> list[str]:
     return found
 
 
-def image_paths(dataset: TextReIDDataset) -> list[str]:
+def image_paths(dataset: TextReIDDataset, sample: int | None = None, seed: int = 0) -> tuple[list[str], int]:
+    """The distinct image paths to check (all, or a random sample of ``sample``) and how many there are."""
+    train = dataset.train
+    if sample is not None and dataset.val is None and dataset.test is None:
+        # A training-only corpus (WebPerson, millions of images): draw image ids, not a list of every path;
+        # in id order, so Parquet rows are read row group by row group.
+        if sample < train.num_images:
+            ids = sorted(random.Random(seed).sample(range(train.num_images), sample))
+            return [train.image_path(i) for i in ids], train.num_images
+    paths = list_image_paths(dataset)
+    total = len(paths)
+    if sample is not None and sample < total:
+        paths = sorted(random.Random(seed).sample(paths, sample))
+    return paths, total
+
+
+def list_image_paths(dataset: TextReIDDataset) -> list[str]:
     """Every distinct image path the dataset references, in order."""
     paths = [dataset.train.image_path(i) for i in range(dataset.train.num_images)]
     for split in (dataset.val, dataset.test):
@@ -77,7 +100,11 @@ def check_image(path: str) -> tuple[str, str, str] | None:
 def check_dataset(name: str, args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Check one dataset; print its statistics and warnings; return its problems and warnings as lines."""
     print(f"== {name} ==", flush=True)
-    kwargs = {"annotation": args.annotation} if name == "WebPerson" and args.annotation else {}
+    kwargs: dict[str, str] = {}
+    if name == "WebPerson":
+        kwargs["cache_dir"] = args.cache_dir
+        if args.annotation:
+            kwargs["annotation"] = args.annotation
     start = time.time()
     try:
         dataset = DATASETS[name](args.root, skip_bad_records=True, **kwargs)
@@ -87,6 +114,8 @@ def check_dataset(name: str, args: argparse.Namespace) -> tuple[list[str], list[
     if dataset.annotation_path is not None:
         print(f"{name}: annotation {dataset.annotation_path}")
         label = f"{name} ({os.path.basename(dataset.annotation_path)})"
+    if isinstance(dataset, WebPerson):
+        describe_webperson(dataset)
     print(dataset.show_statistics().split("\n", 1)[1])
     for warning in dataset.warnings:
         print(f"warning: {warning}")
@@ -96,10 +125,7 @@ def check_dataset(name: str, args: argparse.Namespace) -> tuple[list[str], list[
     if problems:
         problems.insert(0, f"{dataset.num_skipped} bad annotation record(s):")
 
-    paths = image_paths(dataset)
-    total = len(paths)
-    if args.sample is not None and args.sample < total:
-        paths = sorted(random.Random(args.seed).sample(paths, args.sample))
+    paths, total = image_paths(dataset, args.sample, args.seed)
     print(f"checking {len(paths)} of {total} images with {args.workers} worker(s)...", flush=True)
     if args.workers > 1:
         with multiprocessing.get_context("fork").Pool(args.workers) as pool:
@@ -115,6 +141,17 @@ def check_dataset(name: str, args: argparse.Namespace) -> tuple[list[str], list[
     print(f"{label}: {len(paths)} images checked in {time.time() - start:.1f}s, "
           f"{'OK' if not problems else 'PROBLEMS FOUND'}", flush=True)
     return problems, dataset.warnings
+
+
+def describe_webperson(dataset: WebPerson) -> None:
+    """Print the format and sources WebPerson was read from (Parquet: row groups, rows, embedded images)."""
+    sources = dataset.sources
+    shown = sources[0] if len(sources) == 1 else f"{sources[0]} ... {os.path.basename(sources[-1])}"
+    print(f"WebPerson: {dataset.format} format, {len(sources)} source file(s): {shown}")
+    if dataset.format == "parquet":
+        print(f"WebPerson: {parquet_summary(sources)}")
+    if dataset.train.cache_file is not None:
+        print(f"WebPerson: index cache {dataset.train.cache_file}")
 
 
 def run(args: argparse.Namespace) -> int:
