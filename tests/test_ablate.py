@@ -106,6 +106,23 @@ def test_ablation_end_to_end_and_rerun_reuses_runs(synthetic_root, tmp_path, cap
     for kind in ablate.NOISE_KINDS:
         assert again[f"noise_auc_{kind}"] == pytest.approx(full[f"noise_auc_{kind}"], abs=1e-6)
     assert (out / "sdm" / "seed0" / "metrics.jsonl").read_text() == before
+    assert again["config"] == load_config(str(out / "sdm" / "seed0" / "config.yaml")).to_dict()
+
+    # Settings that do not change results (logging, workers, threads) still reuse the runs.
+    capsys.readouterr()
+    assert ablate.main(argv + ["log_period=7", "data.num_workers=1", "num_threads=1"]) == 0
+    assert table.read_text().splitlines() == lines
+    # Other settings are refused, naming the keys and the run folder; nothing is trained or written.
+    assert argv[5:7] == ["--epochs", "2"]
+    for changed, named in ((argv + ["solver.lr=1e-2"], "solver.lr: 0.001 in the run, 0.01 asked"),
+                           (argv[:6] + ["3"] + argv[7:], "solver.epochs: 2 in the run, 3 asked")):
+        capsys.readouterr()
+        assert ablate.main(changed) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        assert named in err and str(out / "sdm" / "seed0") in err and "another --out" in err, err
+    assert (out / "sdm" / "seed0" / "metrics.jsonl").read_text() == before
+    assert table.read_text().splitlines() == lines
 
 
 def test_interrupted_run_is_not_recorded_and_rerun_resumes(synthetic_root, tmp_path, monkeypatch, capsys):
@@ -127,3 +144,38 @@ def test_interrupted_run_is_not_recorded_and_rerun_resumes(synthetic_root, tmp_p
     assert ablate.main(argv) == 0
     assert "resumed from" in (run / "train.log").read_text()
     assert json.loads((run / "ablation.json").read_text())["best_epoch"] in (0, 1)
+
+
+def test_one_epoch_shortens_the_warmup_and_a_started_run_with_other_settings_is_refused(synthetic_root, tmp_path,
+                                                                                        capsys):
+    out = tmp_path / "abl"
+    argv = ["--epochs", "1", "--variants", "sdm", "--seeds", "0", "--data", str(synthetic_root), "--out", str(out),
+            "data.batch_size=16", "train.max_steps=2", "log_period=100"]
+    assert load_config(PRETRAIN).solver.warmup_epochs == 1
+    assert ablate.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "--epochs 1: warm-up shortened from 1 to 0 epoch(s)" in printed
+    run = out / "sdm" / "seed0"
+    assert load_config(str(run / "config.yaml")).solver.warmup_epochs == 0
+    assert "warm-up shortened to 0 epoch(s)" in (run / "train.log").read_text()
+    assert json.loads((run / "ablation.json").read_text())["best_epoch"] == 0
+
+    # A run that was started (a checkpoint, no result yet) is resumed only with its own settings.
+    (run / "ablation.json").unlink()
+    assert ablate.main(argv + ["masking.random_prob=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a started run made with other settings" in err
+    assert "masking.random_prob: 0.15 in the run, 0.3 asked" in err
+
+
+def test_config_differences_ignore_result_neutral_and_absent_keys():
+    saved = {"output_dir": "a", "log_period": 5, "solver": {"lr": 0.1, "epochs": 2}, "data": {"num_workers": 0},
+             "old_key": 1}
+    asked = {"output_dir": "b", "log_period": 50, "solver": {"lr": 0.2, "epochs": 2}, "data": {"num_workers": 8},
+             "num_threads": 2}
+    assert ablate.config_differences(saved, asked) == ["solver.lr: 0.1 in the run, 0.2 asked"]
+
+
+def test_epochs_must_be_positive(tmp_path, capsys):
+    assert ablate.main(["--epochs", "0", "--out", str(tmp_path / "abl")]) == 2
+    assert capsys.readouterr().err == "error: --epochs must be >= 1, got 0\n"

@@ -15,7 +15,11 @@ captions -- a per-caption ROC AUC, 0.5 = chance.
 
 Runs land in <out>/<variant>/seed<k>/ (resolved config, log, metrics.jsonl,
 checkpoints); running the same command again resumes unfinished runs and
-reuses finished ones, so an interrupted ablation loses at most one epoch.
+reuses finished ones, so an interrupted ablation loses at most one epoch. A
+run is reused or resumed only when its resolved config is the one asked for
+(paths, logging, workers, threads and device aside); otherwise the tool stops
+and names the differing keys. `--epochs` shorter than the config's warm-up
+shortens the warm-up to `--epochs` - 1 (printed, and logged in the run's train.log).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import logging
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from datasets import build_dataset  # noqa: E402
 from datasets.bases import open_image  # noqa: E402
@@ -49,16 +54,23 @@ from processor.pretrain import PretrainTask  # noqa: E402
 from tools.common import ToolError, one_line  # noqa: E402
 from tools.visualize_gass import CaptionSource, corrupted_positions, load_noise_report, match_noise_entries  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from utils.config import Config, apply_overrides, load_config  # noqa: E402
 from utils.errors import UserInputError  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 from utils.output_paths import check_output_path  # noqa: E402
+from utils.threads import apply_threads  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 CONFIG = REPO / "configs" / "demo" / "tiny_pretrain.yaml"
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 #: Corruption kinds of the synthetic generator's noise report.
 NOISE_KINDS = ("wrong_attr", "irrelevant")
 BENCHMARK = "CUHK-PEDES"
+#: Config keys that do not change a run's results: ignored when deciding whether a run is the one asked for.
+RESULT_NEUTRAL_KEYS = ("output_dir", "log_period", "num_threads", "device", "data.num_workers",
+                       "data.test_batch_size", "eval.chunk_size", "train.resume", "train.trust_checkpoints",
+                       "model.clip.cache_dir")
 
 #: name -> (label, config overrides). Masking without GASS would read the constant initial scores.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -170,26 +182,95 @@ def auc_fields(model: torch.nn.Module, cfg: Any, data: str, device: torch.device
     return fields
 
 
-def run_variant(args: argparse.Namespace, name: str, seed: int) -> dict[str, float]:
-    """Train (or resume, or reuse) one run; returns its test metrics at the best val epoch and noise AUC."""
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(saved: Mapping[str, Any], asked: Mapping[str, Any]) -> list[str]:
+    """`key: run value, asked value` for every setting that differs, result-neutral keys aside.
+
+    Keys only one side has are skipped: a key added to the schema after the run was
+    made has the default that reproduces the older behaviour.
+    """
+    old, new = _flatten(saved), _flatten(asked)
+    return [f"{key}: {old[key]!r} in the run, {new[key]!r} asked" for key in sorted(old.keys() & new.keys())
+            if key not in RESULT_NEUTRAL_KEYS and old[key] != new[key]]
+
+
+def check_run_config(run_dir: Path, saved: Mapping[str, Any] | None, cfg: Config, state: str) -> None:
+    """Refuse to reuse or resume the run in `run_dir` unless it was made with `cfg`'s settings.
+
+    Raises:
+        ToolError: the run's config is unknown or differs; naming the keys and the folder.
+    """
+    advice = f"choose another --out, or delete {run_dir} to run it again with these settings"
+    if saved is None:
+        raise ToolError(f"{run_dir} holds a {state} run whose config is unknown (no config.yaml); {advice}")
+    differences = config_differences(saved, cfg.to_dict())
+    if differences:
+        raise ToolError(f"{run_dir} holds a {state} run made with other settings than asked "
+                        f"({'; '.join(differences)}); it is not reused: {advice}")
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any] | None:
+    """The resolved config a run saved (`config.yaml`), or None when there is none."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ToolError(f"cannot read {path}: {err}") from err
+    return saved if isinstance(saved, dict) else None
+
+
+def requested_config(args: argparse.Namespace) -> Config:
+    """`--config` with the extra overrides and `--epochs`, before the per-run keys and range checks."""
+    return apply_overrides(load_config(args.config), [*args.overrides, f"solver.epochs={args.epochs}"])
+
+
+def run_variant(args: argparse.Namespace, name: str, seed: int, warmup: int | None = None) -> dict[str, float]:
+    """Train (or resume, or reuse) one run; returns its test metrics at the best val epoch and noise AUC.
+
+    Args:
+        warmup: `solver.warmup_epochs` for this run, when `--epochs` shortened it.
+
+    Raises:
+        ToolError: the run folder holds a run made with other settings.
+    """
     run_dir = Path(args.out) / name / f"seed{seed}"
     result_file = run_dir / "ablation.json"
+    overrides = [f"data.root={args.data}", "eval.root=", f"eval.datasets=[{BENCHMARK}]", f"output_dir={run_dir}",
+                 f"seed={seed}", "train.resume=auto", *VARIANTS[name][1], *args.overrides,
+                 f"solver.epochs={args.epochs}"]
+    if warmup is not None:
+        overrides.append(f"solver.warmup_epochs={warmup}")
+    cfg = load_config(args.config, overrides)
     if result_file.exists():
         result = json.loads(result_file.read_text())
+        # Results recorded before the config was stored with them: the run's config.yaml.
+        saved = result.pop("config", None) or read_run_config(run_dir)
+        check_run_config(run_dir, saved, cfg, "finished")
         if not all(f"noise_auc_{kind}" in result for kind in NOISE_KINDS):
             # Recorded before the per-kind split: score the finished run's final weights.
-            cfg = load_config(str(run_dir / "config.yaml"))
             model = build_model(cfg)
             state = unwrap_state_dict(read_checkpoint(str(run_dir / "last.pth")), source=str(run_dir / "last.pth"))
             load_model_weights(model, state, source=str(run_dir / "last.pth"))
             result.update(auc_fields(model, cfg, args.data, torch.device("cpu")))
-            save_result(result_file, result)
+            save_result(result_file, {**result, "config": saved})
         return result
-    overrides = [f"data.root={args.data}", "eval.root=", f"eval.datasets=[{BENCHMARK}]", f"output_dir={run_dir}",
-                 f"seed={seed}", "train.resume=auto", *VARIANTS[name][1], *args.overrides]
-    overrides.append(f"solver.epochs={args.epochs}")
-    cfg = load_config(args.config, overrides)
+    if (run_dir / "last.pth").exists():
+        check_run_config(run_dir, read_run_config(run_dir), cfg, "started")
     trainer = Trainer(cfg, PretrainTask())
+    if warmup is not None:
+        logger.info("warm-up shortened to %d epoch(s) (solver.warmup_epochs) for --epochs %d: training "
+                    "continues for at least one epoch after it", warmup, args.epochs)
     best = trainer.train()
     if trainer.stopped:
         raise Interrupted(f"{run_dir}: stopped by a signal; run the same command again to resume")
@@ -200,7 +281,7 @@ def run_variant(args: argparse.Namespace, name: str, seed: int) -> dict[str, flo
     result = {k: float(test[k]) for k in METRICS}
     result["best_epoch"] = int(entry.get("epoch", -1))
     result.update(auc_fields(trainer.model, cfg, args.data, trainer.device))
-    save_result(result_file, result)
+    save_result(result_file, {**result, "config": cfg.to_dict()})
     return result
 
 
@@ -227,21 +308,31 @@ def markdown_table(results: dict[str, list[dict[str, float]]], seeds: Sequence[i
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     data = Path(args.data)
-    setup_logging(None, level=logging.WARNING)
+    setup_logging(None, console_level=logging.WARNING)
     results: dict[str, list[dict[str, float]]] = {}
     start = time.time()
     try:
+        if args.epochs < 1:
+            raise ToolError(f"--epochs must be >= 1, got {args.epochs}")
         # Hours of training must not end in a file that cannot be written.
         check_output_path(args.out, "--out", folder=True)
         if args.table:
             check_output_path(args.table, "--table")
+        asked = requested_config(args)
+        apply_threads(asked.num_threads, data_workers=asked.data.num_workers)
+        warmup = None
+        if asked.solver.warmup_epochs >= args.epochs:
+            # The schedule needs an epoch after the warm-up; a short ablation keeps what fits.
+            warmup = args.epochs - 1
+            print(f"--epochs {args.epochs}: warm-up shortened from {asked.solver.warmup_epochs} to {warmup} "
+                  "epoch(s) (solver.warmup_epochs)", flush=True)
         if not (data / "meta.json").exists():
             print(f"generating the synthetic data into {data} ...", flush=True)
             generate(data, SyntheticConfig(), workers=2)
         for name in args.variants:
             for seed in args.seeds:
                 print(f"[{time.time() - start:6.0f}s] {name} seed {seed} ...", flush=True)
-                result = run_variant(args, name, seed)
+                result = run_variant(args, name, seed, warmup)
                 results.setdefault(name, []).append(result)
                 print(f"         R1 {result['R1']:.1f}  mAP {result['mAP']:.1f}  noise AUC "
                       f"{result['noise_auc']:.3f}  (best epoch {result['best_epoch']})", flush=True)
