@@ -118,7 +118,7 @@ def test_reference_checkpoint_evaluates_with_any_config(kind, reference_files, m
 
     test = load_tool("test")
     capsys.readouterr()
-    assert test.main(["--config", FINETUNE_CONFIG, "--checkpoint", str(path), "--no-record",
+    assert test.main(["--config", FINETUNE_CONFIG, "--checkpoint", str(path),
                       f"data.root={mini_root}", "device=cpu", "data.test_batch_size=8", "data.num_workers=0"]) == 0
     out = capsys.readouterr().out
     assert "CUHK-PEDES t2i" in out and "R1" in out and "mINP" in out

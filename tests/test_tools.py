@@ -1,4 +1,5 @@
-"""Retrieval, visualisation and table tools: search, visualize_gass, visualize_retrieval, plot_curves, make_tables.
+"""Evaluation, retrieval, visualisation and table tools: test, search, visualize_gass, visualize_retrieval,
+plot_curves, make_tables.
 
 One tiny model is trained once for the module (a few steps on the synthetic
 corpus); the tests check the tools against independent computations with the
@@ -34,6 +35,7 @@ from utils.visualize import GREEN, GREY, RED, SERIES_COLOURS, nice_ticks, save_p
 FINETUNE = str(REPO / "configs" / "demo" / "tiny_finetune.yaml")
 
 search = load_tool("search")
+test_tool = load_tool("test")
 visualize_gass = load_tool("visualize_gass")
 visualize_retrieval = load_tool("visualize_retrieval")
 plot_curves = load_tool("plot_curves")
@@ -214,6 +216,49 @@ def test_search_refuses_bad_arguments_before_any_work(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
 
 
+# --------------------------------------------------------------------------- test
+
+
+@pytest.fixture
+def keep_threads():
+    """Restore torch's thread count, which the tools set for the whole process."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_test_tool_prints_one_table_logs_its_threads_and_records_only_when_asked(trained, synthetic_root, tmp_path,
+                                                                                 capsys, keep_threads):
+    argv = ["--config", str(trained / "config.yaml"), "--checkpoint", str(trained / "best_CUHK-PEDES.pth"),
+            f"data.root={synthetic_root}", "data.test_batch_size=64"]
+    history = (trained / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert test_tool.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert (out + err).count("mINP") == 1 and "CUHK-PEDES t2i" in out  # one table, printed
+    assert "torch threads: " in err
+    assert (trained / "metrics.jsonl").read_text() == history  # nothing recorded unasked
+
+    run = tmp_path / "run"
+    assert test_tool.main(["--record", *argv, f"output_dir={run}"]) == 0
+    assert f"recorded in {run / 'metrics.jsonl'}" in capsys.readouterr().out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["type"], r["dataset"], r["split"], r["task"]) for r in records] == [("test", "CUHK-PEDES", "test", "t2i")]
+    assert records[0]["checkpoint"] == str(trained / "best_CUHK-PEDES.pth")
+
+
+def test_test_tool_checks_the_record_path_first_and_drops_no_record(trained, synthetic_root, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    argv = ["--config", str(trained / "config.yaml"), "--checkpoint", str(tmp_path / "absent.pth"),
+            f"data.root={synthetic_root}"]
+    assert test_tool.main(["--record", *argv, f"output_dir={tmp_path / 'file' / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --record (output_dir=") and "is a file, not a folder" in err
+    with pytest.raises(SystemExit) as exc:
+        test_tool.main(["--no-record", *argv])
+    assert exc.value.code == 2
+
+
 def test_output_path_checks(tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
@@ -246,7 +291,7 @@ def test_error_messages_become_one_line():
     assert one_line("") == ""
 
 
-@pytest.mark.parametrize("tool", [search, visualize_gass, visualize_retrieval, plot_curves, make_tables])
+@pytest.mark.parametrize("tool", [test_tool, search, visualize_gass, visualize_retrieval, plot_curves, make_tables])
 def test_help(tool, capsys):
     with pytest.raises(SystemExit) as exc:
         tool.main(["--help"])
