@@ -83,8 +83,9 @@ DEFAULT_CACHE_DIR = "~/.cache/gadms"
 PARQUET_COLUMNS = ("image", "image_path", "caption1", "caption2")
 _PARQUET_TEXT = ("image_path", "caption1", "caption2")
 _PARQUET_IMAGE = "image.bytes"
-#: A process holds one row group of these columns; above this size a warning suggests smaller row groups.
-_LARGE_ROW_GROUP = 256 << 20
+#: A process holds one row group of these columns, and a random sample reads a whole one (``_ParquetRows``):
+#: above this size a warning suggests smaller row groups (the hub's hold 100 images, ~10 MiB).
+_LARGE_ROW_GROUP = 64 << 20
 # 2: the metadata carries a checksum of the arrays; 3: image paths leaving images/ and captions that
 # clean to nothing are bad records (an older index may hold them)
 CACHE_VERSION = 3
@@ -311,15 +312,20 @@ def _pyarrow() -> tuple[Any, Any]:
     return pyarrow, pyarrow.parquet
 
 
-def _open_parquet(path: str) -> Any:
+def _reason(error: Exception) -> str:
+    """pyarrow's message on one line (some span several)."""
+    return " ".join(str(error).split())
+
+
+def _open_parquet(path: str, **options: Any) -> Any:
     """The ``pyarrow.parquet.ParquetFile`` of ``path``; a file pyarrow cannot open is an AnnotationError."""
     pa, pq = _pyarrow()
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, **options)
     except FileNotFoundError:
         raise
     except (OSError, pa.ArrowException) as e:
-        raise AnnotationError(path, None, f"not a readable Parquet file ({e}); a truncated or partial download? "
+        raise AnnotationError(path, None, f"not a readable Parquet file ({_reason(e)}); a truncated or partial download? "
                               "fetch it again") from e
 
 
@@ -376,16 +382,24 @@ def parquet_summary(sources: list[str]) -> str:
 class _ParquetRows:
     """Rows of the Parquet sources as one process reads them: open files and the row group read last.
 
-    A sample is read through its whole row group (text columns at once, the image
-    column on first use), which this process keeps until it reads another one; reading
-    single rows instead (``iter_batches`` up to the row) was measured on hub-layout files
-    (100 rows per row group, snappy, pyarrow 26, one core, page cache warm; ms per sample,
-    600 x 1000 JPEGs): sequential access 0.13 cached vs 11.8 single-row (268 KiB images);
-    random access 4.0 vs 4.2 (60 KiB images; 12.0 vs 11.8 at 268 KiB), because the hub's
-    writer puts a row group's column in one page, pyarrow's smallest read. Single rows
-    only win for random access to files written with small pages (1.8 vs 3.2 ms at 64 KiB
-    pages), which the hub's are not; one row group per file is the worst case for both
-    (600 rows: 64-71 ms per single row), hence the warning on large row groups.
+    A sample is read through its whole row group (image bytes and text at once), which the
+    process keeps until it needs another one. Reading single rows instead (``iter_batches``
+    of one row, stopping at the row, the row kept) was measured through this index: 600 x
+    1000 JPEGs of 60 KiB in 2 files written with pyarrow's defaults, of 200 rows in 100-row
+    groups (what the hub writes for images) or of 1000 rows in one group; caption + image
+    bytes per sample, JPEG decoding (4.4 ms) excluded; pyarrow 26, one core, page cache
+    warm; 400 samples (40 for 1000-row groups), best of 5 (2) runs:
+
+                            100-row groups      1000-row groups
+        ms per sample           sequential  random  sequential  random
+        (a) row group kept      0.03        1.87    1.24        16
+        (b) single rows         0.90        1.61    10.6        29
+
+    Single rows save little at random (14%) because pyarrow's writer puts a small row
+    group's image column in one dictionary page, which any row must read and decompress;
+    they lose on large row groups (a batch per row before the row) and 30x on sequential
+    access, so (a). Random access to large row groups is slow either way: building the
+    index warns about them.
     """
 
     _MAX_OPEN = 16
@@ -402,51 +416,57 @@ class _ParquetRows:
         self.pid = os.getpid()
         self.files: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self.group: tuple[int, int] | None = None
-        self.text: Any = None
-        self.images: Any = None
+        self.table: Any = None
+        self.image_error: Exception | None = None
 
     def file(self, source: int) -> Any:
         """The open ParquetFile of one source (a small per-process LRU)."""
         self._fresh()
         parquet_file = self.files.get(source)
         if parquet_file is None:
-            parquet_file = self.files[source] = _open_parquet(self.sources[source])
+            # Buffered reads instead of pyarrow's pre-buffering: measured faster for one row group at a time.
+            parquet_file = self.files[source] = _open_parquet(self.sources[source], pre_buffer=False,
+                                                              buffer_size=1 << 20)
             if len(self.files) > self._MAX_OPEN:
                 self.files.popitem(last=False)
         else:
             self.files.move_to_end(source)
         return parquet_file
 
-    def _load(self, source: int, group: int) -> None:
+    def _load(self, source: int, group: int) -> Any:
+        """The held row group, read first when another one is held."""
         self._fresh()
         if self.group == (source, group):
-            return
+            return self.table
         pa, _ = _pyarrow()
         parquet_file = self.file(source)
+        self.group = None
         try:
-            text = parquet_file.read_row_group(group, columns=list(_PARQUET_TEXT), use_threads=False)
+            table = parquet_file.read_row_group(group, columns=[_PARQUET_IMAGE, *_PARQUET_TEXT], use_threads=False)
+            error = None
         except (OSError, pa.ArrowException) as e:
-            raise AnnotationError(self.sources[source], None, f"row group {group} cannot be read ({e}); the "
-                                  "file is damaged or changed after it was indexed") from e
-        self.group, self.text, self.images = (source, group), text, None
+            # Damaged image data should fail the image read only (data.skip_bad_images), not the caption's.
+            try:
+                table = parquet_file.read_row_group(group, columns=list(_PARQUET_TEXT), use_threads=False)
+            except (OSError, pa.ArrowException) as text_error:
+                raise AnnotationError(self.sources[source], None, f"row group {group} cannot be read "
+                                      f"({_reason(text_error)}); the file is damaged or changed after it was "
+                                      "indexed") from text_error
+            error = e
+        self.group, self.table, self.image_error = (source, group), table, error
+        return table
 
     def text_value(self, source: int, group: int, row: int, column: str) -> Any:
         """One text cell (``image_path``, ``caption1`` or ``caption2``)."""
-        self._load(source, group)
-        return self.text.column(column)[row].as_py()
+        return self._load(source, group).column(column)[row].as_py()
 
     def image_bytes(self, source: int, group: int, row: int) -> bytes | None:
         """The embedded image bytes of one row (None when null)."""
-        self._load(source, group)
-        if self.images is None:
-            pa, _ = _pyarrow()
-            try:
-                table = self.file(source).read_row_group(group, columns=[_PARQUET_IMAGE], use_threads=False)
-            except (OSError, pa.ArrowException) as e:
-                raise AnnotationError(self.sources[source], None, f"row group {group}: the image column "
-                                      f"cannot be read ({e})") from e
-            self.images = table.column("image")
-        value = self.images[row].as_py()
+        table = self._load(source, group)
+        if self.image_error is not None:
+            raise AnnotationError(self.sources[source], None, f"row group {group}: the image column cannot be "
+                                  f"read ({_reason(self.image_error)})")
+        value = table.column("image")[row].as_py()
         return None if value is None else value["bytes"]
 
     def first_row(self, source: int, group: int) -> int:
@@ -549,7 +569,7 @@ class _Builder:
             try:
                 table = parquet_file.read_row_group(group, columns=list(_PARQUET_TEXT), use_threads=False)
             except (OSError, pa.ArrowException) as e:
-                raise AnnotationError(path, None, f"row group {group} cannot be read ({e}); the file is "
+                raise AnnotationError(path, None, f"row group {group} cannot be read ({_reason(e)}); the file is "
                                       "damaged or truncated, fetch it again") from e
             columns = zip(*(table.column(c).to_pylist() for c in _PARQUET_TEXT), strict=True)
             for row, (image_path, c1, c2) in enumerate(columns):

@@ -206,6 +206,34 @@ def test_repeated_image_path_is_a_duplicate_as_in_json(tmp_path):
     assert info.value.file == paths[1]
 
 
+def _damage_page_header(path: str, group: int, column: int) -> None:
+    """Overwrite the first page header of one column chunk: pyarrow cannot read that chunk any more."""
+    chunk = pq.ParquetFile(path).metadata.row_group(group).column(column)
+    with open(path, "r+b") as f:
+        f.seek(chunk.dictionary_page_offset or chunk.data_page_offset)
+        f.write(b"\xff" * 8)
+
+
+def test_damaged_image_column_fails_only_its_images(tmp_path):
+    paths = write_parquet(tmp_path)
+    _damage_page_header(paths[0], 1, 0)  # image.bytes of row group 1 (images 2 and 3)
+    index = WebPerson(str(tmp_path)).train
+    assert index[4][3] == RECORDS[2][1]  # the captions still read
+    with pytest.raises(ImageReadError, match=r"parquet::1/0: .*row group 1: the image column cannot be read"):
+        open_image(index[4][2])
+    np.testing.assert_array_equal(np.asarray(open_image(index[2][2])), np.asarray(_image(1)))
+    dataset = _train_dataset(index, skip_bad_images=True)
+    assert dataset[4] is None and dataset[7] is None and dataset[8] is not None
+
+
+def test_damaged_caption_column_names_file_and_row_group(tmp_path):
+    paths = write_parquet(tmp_path)
+    _damage_page_header(paths[1], 1, 3)  # caption1 of the second file's row group 1
+    with pytest.raises(AnnotationError, match=r"row group 1 cannot be read \(.*\); the file is damaged") as info:
+        WebPerson(str(tmp_path), skip_bad_records=True, cache=False)
+    assert info.value.file == paths[1]
+
+
 def test_truncated_parquet_file_names_the_file(tmp_path):
     paths = write_parquet(tmp_path)
     data = open(paths[1], "rb").read()
