@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, load_tool
 from utils.run_lock import RunDirLock
 
@@ -111,3 +113,14 @@ def test_restart_of_a_run_killed_before_its_first_checkpoint_keeps_one_history(s
     assert [r["epoch"] for r in history if r["type"] == "train"] == [0]
     evals = [(r["epoch"], r["split"], r["task"]) for r in history if r["type"] == "eval"]
     assert len(evals) == len(set(evals)) == 2
+
+
+def test_resume_config_check_allows_keys_added_by_a_newer_code_version():
+    from utils.checkpoint import ResumeConfigError, check_resume_config
+
+    saved = {"model": {"temperature": 0.02}, "solver": {"epochs": 5}}
+    current = {"model": {"temperature": 0.02}, "solver": {"epochs": 8}, "data": {"cache_dir": ""}}
+    check_resume_config(saved, current, "last.pth")  # more epochs: safe; data.cache_dir: new key
+    current["model"]["temperature"] = 0.05
+    with pytest.raises(ResumeConfigError, match=r"model.temperature: 0.02 in the checkpoint, 0.05 now"):
+        check_resume_config(saved, current, "last.pth")

@@ -232,7 +232,7 @@ SAFE_ON_RESUME = (
     "solver.epochs", "log_period", "output_dir", "device", "precision", "deterministic",
     "data.root", "data.num_workers", "data.test_batch_size", "data.skip_bad_images",
     "eval.", "train.", "model.clip.cache_dir", "model.clip.pretrained", "model.clip.grad_checkpointing",
-    "model.finetune",
+    "model.finetune", "num_threads", "data.cache_dir",
 )
 
 
@@ -260,8 +260,10 @@ def check_resume_config(saved: Mapping | None, current: Mapping | None, path: st
     def safe(key: str) -> bool:
         return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_ON_RESUME)
 
-    changed = [f"{k}: {old.get(k, '<absent>')!r} in the checkpoint, {new.get(k, '<absent>')!r} now"
-               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not safe(k)]
+    # A key only one side has came or went with a code version (the checkpoint predates
+    # it): not a change the user asked for; _log_config_changes reports it.
+    changed = [f"{k}: {old[k]!r} in the checkpoint, {new[k]!r} now"
+               for k in sorted(set(old) & set(new)) if old[k] != new[k] and not safe(k)]
     if changed:
         raise ResumeConfigError(
             f"cannot resume {path}: the config changes what the run learns ({'; '.join(changed)}). "
