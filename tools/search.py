@@ -430,7 +430,7 @@ def run(args: argparse.Namespace) -> list[list[Hit]]:
         paths, pids = dataset_gallery(args.dataset, root, args.split, annotation)
         if not paths:
             raise ToolError(f"{args.dataset} {args.split} split has no images")
-    setup_logging(None, console_level=logging.INFO)
+    setup_logging(None, console_level=logging.WARNING)
     apply_threads(cfg.num_threads, data_workers=cfg.data.num_workers)
     cache_dir = None if args.no_cache else (
         args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "gallery_cache"))
