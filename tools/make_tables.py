@@ -12,7 +12,7 @@ A run's number for a benchmark is the test metric at its best checkpoint: the
 `type: eval` record on split=test at the epoch whose selection-split R1 was
 best (`selection_split` in the records says which split selects; the first
 epoch wins ties, as the trainer keeps the first best). A run without eval
-records for a benchmark uses its latest `type: test` record (tools/test.py).
+records for a benchmark uses its latest `type: test` record (tools/test.py --record).
 Missing benchmarks show "–". Paper rows carry "paper" in the source column.
 """
 
