@@ -57,7 +57,8 @@ def test_pretrain_finetune_test_end_to_end(synthetic_root, tmp_path, capsys):
 
     test = load_tool("test")
     capsys.readouterr()
-    assert test.main(["--config", str(fine / "config.yaml"), "--checkpoint", str(fine / "best_CUHK-PEDES.pth")]) == 0
+    assert test.main(["--config", str(fine / "config.yaml"), "--checkpoint", str(fine / "best_CUHK-PEDES.pth"),
+                      "--record"]) == 0
     assert "CUHK-PEDES t2i" in capsys.readouterr().out
     assert read_jsonl(fine / "metrics.jsonl")[-1]["type"] == "test"
 
