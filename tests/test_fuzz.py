@@ -124,7 +124,7 @@ def test_fuzz_corpus(fuzz_results):
     print(f"fuzz corpus: {len(CASES)} cases; group processes: {timing}")
     if failures:
         pytest.fail(_report(failures) + f"\n(group processes: {timing})\nOne case, with its full output: python "
-                    "tests/fuzz_runner.py --assets /tmp/fuzz --work /tmp/fuzz/work --case NAME", pytrace=False)
+                    "tests/fuzz_runner.py --assets runs/fuzz --work runs/fuzz/work --case NAME", pytrace=False)
 
 
 @pytest.mark.parametrize("name", MAIN_PATH_CASES)

@@ -22,7 +22,16 @@ from datasets.transforms import build_transforms
 from datasets.webperson import WebPerson, cache_path, fallback_cache_path
 from model.tokenizer import Tokenizer
 from tests.conftest import REPO, load_tool
-from tests.test_webperson import RECORDS, _image, _png, naive_samples, write_json, write_jsonl, write_shards
+from tests.test_webperson import (
+    RECORDS,
+    _image,
+    _Pixels,
+    _png,
+    naive_samples,
+    write_json,
+    write_jsonl,
+    write_shards,
+)
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 # 7 images in 2 files of 2 row groups each (4 + 3 rows, 2 rows per group): [2, 2] and [2, 1].
@@ -319,20 +328,6 @@ def test_default_cache_dir_is_under_the_home_folder(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- workers, check_data, training
-
-
-class _Pixels:
-    """Map-style dataset: (pid, caption, mean pixel) read inside the worker."""
-
-    def __init__(self, index) -> None:
-        self.index = index
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i):
-        pid, _, path, caption = self.index[i]
-        return pid, caption, np.asarray(open_image(path)).mean(axis=(0, 1))
 
 
 def test_forked_dataloader_workers_read_parquet_rows(tmp_path):
