@@ -293,33 +293,25 @@ class Trainer:
     def _resume(self) -> None:
         path, ckpt = self._resume_path, self._resume_ckpt
         self._resume_ckpt = None  # the checkpoint's tensors are not needed once loaded
-        if path is None:
-            if comm.is_main_process():
-                # A run killed before its first `last` checkpoint restarts from scratch:
-                # the records it left are of epochs about to be redone.
-                dropped = supersede_metrics(self.run_dir, 0)
-                if dropped:
-                    logger.info("metrics.jsonl: %d record(s) of an earlier start that saved no checkpoint "
-                                "superseded by this fresh start", dropped)
-            return
-        meta = self.checkpointer.load(path, resume=True, trust=self.cfg.train.trust_checkpoints, ckpt=ckpt)
-        extra = meta.get("extra") or {}
-        self.global_step = int(meta.get("step", 0))
-        self.best = dict(meta.get("best_metrics") or {})
-        if extra.get("batches_done"):
-            # Stopped mid-epoch: finish that epoch, skipping what was consumed.
-            self.start_epoch = int(meta["epoch"])
-            self.skip_batches = int(extra["batches_done"])
-        else:
-            self.start_epoch = int(meta["epoch"]) + 1
-        logger.info("resumed from %s: epoch %d, step %d%s", path, self.start_epoch, self.global_step,
-                    f", skipping {self.skip_batches} consumed batches" if self.skip_batches else "")
+        if path is not None:
+            meta = self.checkpointer.load(path, resume=True, trust=self.cfg.train.trust_checkpoints, ckpt=ckpt)
+            extra = meta.get("extra") or {}
+            self.global_step = int(meta.get("step", 0))
+            self.best = dict(meta.get("best_metrics") or {})
+            if extra.get("batches_done"):
+                # Stopped mid-epoch: finish that epoch, skipping what was consumed.
+                self.start_epoch = int(meta["epoch"])
+                self.skip_batches = int(extra["batches_done"])
+            else:
+                self.start_epoch = int(meta["epoch"]) + 1
+            logger.info("resumed from %s: epoch %d, step %d%s", path, self.start_epoch, self.global_step,
+                        f", skipping {self.skip_batches} consumed batches" if self.skip_batches else "")
         if comm.is_main_process():
-            # Epochs about to be redone get new records: drop the old ones (one history per run).
+            # Epochs about to be (re)done write new records: drop the old ones, whether this run
+            # resumes or restarts after dying before its first checkpoint (one history per run).
             dropped = supersede_metrics(self.run_dir, self.start_epoch)
             if dropped:
-                logger.info("metrics.jsonl: %d record(s) of epoch >= %d superseded by this resume",
-                            dropped, self.start_epoch)
+                logger.info("metrics.jsonl: %d record(s) of epoch >= %d superseded", dropped, self.start_epoch)
 
     # -------------------------------------------------------------- training
     def train(self, until_epoch: int | None = None) -> dict[str, dict[str, Any]]:
