@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" not in result:
             verdict = judge(case, result)
             result["verdict"] = list(verdict) if verdict else None
+            if verdict is None:
+                # A passed case's files are not needed (a training case leaves ~130 MB of checkpoints);
+                # a failed one's stay for inspection.
+                shutil.rmtree(Path(args.work) / case.name, ignore_errors=True)
         for key in ("stdout", "stderr"):
             if key in result:
                 result[key] = result[key][-TAIL:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,13 @@ def config_for(kind: str, *overrides: str):
     return load_config(path, ["model.clip.pretrained=", *overrides])
 
 
+@pytest.fixture(autouse=True)
+def _free_disk(tmp_path):
+    """Full-size checkpoints weigh GBs (pytest keeps three sessions' folders): drop a test's files."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def reference_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
@@ -81,7 +89,8 @@ def reference_files(tmp_path_factory):
     for seed, kind in enumerate(KINDS):
         path = folder / f"{kind}.pth"
         files[kind] = (path, write_reference_checkpoint(kind, path, seed))
-    return files
+    yield files
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,13 @@ from utils.run_lock import RunDirLock
 PRETRAIN = str(REPO / "configs" / "demo" / "tiny_pretrain.yaml")
 
 
+@pytest.fixture(autouse=True)
+def _free_disk(tmp_path):
+    """Each run leaves ~250 MB of checkpoints; pytest keeps three sessions' folders."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 def overrides(root, out, *extra):
     return [f"data.root={root}", f"output_dir={out}", "data.batch_size=16", "data.test_batch_size=64",
             "train.max_steps=2", "solver.warmup_epochs=0", *extra]
