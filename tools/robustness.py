@@ -51,7 +51,6 @@ from utils.logger import setup_logging  # noqa: E402
 from utils.metrics import TABLE_COLUMNS  # noqa: E402
 from utils.output_paths import check_output_path  # noqa: E402
 from utils.threads import apply_threads  # noqa: E402
-from utils.visualize import SERIES_COLOURS  # noqa: E402
 
 logger = logging.getLogger("tools.robustness")
 
@@ -59,6 +58,7 @@ DEFAULT_RATES = (0.0, 0.1, 0.2, 0.3, 0.5)
 FORMATS = ("png", "pdf", "svg")
 #: Marks an --out folder as this tool's: only then does it replace a chart it finds there.
 MARKER = ".gadms-robustness"
+_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}, "png": {}}
 #: The `noise` of the clean queries.
 CLEAN = "none"
 
@@ -244,12 +244,11 @@ def draw_chart(curves: Mapping[str, Mapping[str, Mapping[float, float]]], kinds:
     axes = list(grid.flat)
     for ax in axes[len(kinds):]:
         ax.set_visible(False)
-    colours = [tuple(c / 255 for c in rgb) for rgb in SERIES_COLOURS]
     for ax, kind in zip(axes, kinds):
         for i, (label, per_kind) in enumerate(curves.items()):
             points = sorted(per_kind[kind].items())
             ax.plot([r for r, _ in points], [v for _, v in points], marker="o", markersize=4,
-                    color=colours[i % len(colours)], label=label)
+                    color=f"C{i % 10}", label=label)
         ax.set_title(kind)
         ax.set_xlabel("noise rate (fraction of words)")
         ax.grid(True, alpha=0.3)
@@ -258,7 +257,8 @@ def draw_chart(curves: Mapping[str, Mapping[str, Mapping[float, float]]], kinds:
     axes[0].legend(fontsize="small", loc="best")
     fig.suptitle(title)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format=fmt, dpi=120)
+    # No creation date in the file: the same results give the same bytes.
+    fig.savefig(buffer, format=fmt, dpi=120, metadata=_METADATA[fmt])
     return buffer.getvalue()
 
 
