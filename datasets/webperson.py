@@ -1095,6 +1095,21 @@ def _files_with(folder: str, extensions: tuple[str, ...]) -> list[str]:
                   if n.lower().endswith(extensions) and os.path.isfile(os.path.join(folder, n)))
 
 
+def annotation_candidates(dataset_path: str) -> list[tuple[str, list[str]]]:
+    """Every annotation the WebPerson folder holds, as (kind, files) in detection order.
+
+    Each JSON or JSON-lines file is one candidate; tar shards (in the folder or its
+    `shards/`) are one, and so are the Parquet files (in the folder or its `data/`).
+    Training needs exactly one (else `data.annotation` chooses); a checker can take each.
+    """
+    jsons = _files_with(dataset_path, (".json", ".jsonl"))
+    tars = _files_with(dataset_path, (".tar",)) or _files_with(os.path.join(dataset_path, "shards"), (".tar",))
+    parquets = (_files_with(dataset_path, (".parquet",))
+                or _files_with(os.path.join(dataset_path, "data"), (".parquet",)))
+    return ([("JSON annotations", [path]) for path in jsons] + ([("tar shards", tars)] if tars else [])
+            + ([("Parquet files", parquets)] if parquets else []))
+
+
 def resolve_sources(dataset_path: str, annotation: str | None) -> tuple[list[str], str]:
     """Find the annotation file(s) and their format.
 
@@ -1108,21 +1123,20 @@ def resolve_sources(dataset_path: str, annotation: str | None) -> tuple[list[str
         Absolute source paths in sample order and the format name.
     """
     if annotation is None:
-        jsons = _files_with(dataset_path, (".json", ".jsonl"))
-        tars = _files_with(dataset_path, (".tar",)) or _files_with(os.path.join(dataset_path, "shards"), (".tar",))
-        parquets = (_files_with(dataset_path, (".parquet",))
-                    or _files_with(os.path.join(dataset_path, "data"), (".parquet",)))
-        kinds = [(what, found) for what, found in (("JSON annotations", jsons), ("tar shards", tars),
-                                                   ("Parquet files", parquets)) if found]
-        if len(kinds) > 1:
-            listed = " and ".join(f"{what} ({os.path.basename(found[0])})" for what, found in kinds)
+        found = annotation_candidates(dataset_path)
+        first_of_kind: dict[str, str] = {}
+        for what, files in found:
+            first_of_kind.setdefault(what, files[0])
+        if len(first_of_kind) > 1:
+            listed = " and ".join(f"{what} ({os.path.basename(path)})" for what, path in first_of_kind.items())
             raise AnnotationError(dataset_path, None, f"both {listed} found; choose one with data.annotation")
-        if len(jsons) > 1:
+        if len(found) > 1:
             raise AnnotationError(dataset_path, None, "several annotation files found ("
-                                  f"{', '.join(os.path.basename(p) for p in jsons)}); choose one with data.annotation")
-        sources = jsons or tars or parquets
-        if not sources:
+                                  f"{', '.join(os.path.basename(files[0]) for _, files in found)}); "
+                                  "choose one with data.annotation")
+        if not found:
             raise AnnotationError(dataset_path, None, f"no WebPerson annotation found; expected layout: {_LAYOUT}")
+        sources = found[0][1]
         return [os.path.abspath(p) for p in sources], _format_of(sources, dataset_path)
 
     annotation = os.path.expanduser(str(annotation))
@@ -1168,7 +1182,7 @@ class WebPerson(TextReIDDataset):
     def __init__(self, root: str, annotation: str | None = None, skip_bad_records: bool = False,
                  cache: bool = True, cache_dir: str = "") -> None:
         super().__init__()
-        self.dataset_path = _find_webperson_dir(os.path.expanduser(str(root)), annotation)
+        self.dataset_path = find_webperson_dir(os.path.expanduser(str(root)), annotation)
         sources, fmt = resolve_sources(self.dataset_path, annotation)
         image_root = None
         if fmt != "tar":
@@ -1190,7 +1204,8 @@ class WebPerson(TextReIDDataset):
         self.num_skipped, self.skipped = self.train.num_skipped, self.train.skipped
 
 
-def _find_webperson_dir(root: str, annotation: str | None) -> str:
+def find_webperson_dir(root: str, annotation: str | None) -> str:
+    """The WebPerson folder under the data root `root` (or `root` itself when it is one)."""
     candidate = os.path.join(root, WebPerson.dataset_dir)
     if os.path.isdir(candidate):
         return candidate

@@ -1,5 +1,6 @@
 """The synthetic corpus is real data to our loaders: builders and the data checker accept it."""
 
+import shutil
 import subprocess
 import sys
 
@@ -38,3 +39,36 @@ def test_synthetic_corpus_passes_check_data(synthetic_root):
         (synthetic_root / "moved").rename(synthetic_root / "CUHK-PEDES" / "imgs" / "test")
     assert broken.returncode != 0
     assert "test/" in broken.stdout + broken.stderr
+
+
+def run_check_data(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "check_data.py"), *argv],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_check_data_checks_every_annotation_of_a_folder_holding_several(synthetic_root, tmp_path):
+    """The generator writes WebPerson as JSON, JSON lines and tar shards: each is checked, each reported."""
+    result = run_check_data("--root", str(synthetic_root), "--name", "WebPerson")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for label in ("annotations.json", "annotations.jsonl", "shards/*.tar"):
+        assert f"== WebPerson ({label}) ==" in result.stdout, result.stdout
+    assert result.stdout.count("checking 96 of 96 images") == 3
+
+    copy = tmp_path / "root"
+    shutil.copytree(synthetic_root / "WebPerson", copy / "WebPerson")
+    lines = (copy / "WebPerson" / "annotations.jsonl").read_text().splitlines(keepends=True)
+    lines[5] = "{not json\n"
+    (copy / "WebPerson" / "annotations.jsonl").write_text("".join(lines))
+    broken = run_check_data("--root", str(copy))
+    assert broken.returncode == 1
+    assert "[WebPerson (annotations.jsonl)]" in broken.stderr and "line 6" in broken.stderr, broken.stderr
+    assert "[WebPerson (annotations.json)]" not in broken.stderr and "[WebPerson (shards/*.tar)]" not in broken.stderr
+    chosen = run_check_data("--root", str(copy), "--annotation", "annotations.json")
+    assert chosen.returncode == 0 and "== WebPerson ==" in chosen.stdout, chosen.stdout + chosen.stderr
+
+
+def test_check_data_on_the_parent_of_a_data_root_names_the_root(synthetic_root, tmp_path):
+    (tmp_path / "synthetic").symlink_to(synthetic_root)
+    result = run_check_data("--root", str(tmp_path))
+    assert result.returncode == 2
+    assert f"{tmp_path / 'synthetic'} holds datasets: pass it as --root" in result.stderr, result.stderr

@@ -28,7 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets import DATASETS, AnnotationError, ImageReadError, TextReIDDataset, verify_image  # noqa: E402
-from datasets.webperson import WebPerson, parquet_summary  # noqa: E402
+from datasets.webperson import WebPerson, annotation_candidates, find_webperson_dir, parquet_summary  # noqa: E402
 from tools.common import ToolError, run_tool  # noqa: E402
 
 MAX_LISTED = 20
@@ -97,14 +97,42 @@ def check_image(path: str) -> tuple[str, str, str] | None:
     return None
 
 
-def check_dataset(name: str, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+def webperson_checks(root: str, annotation: str | None) -> list[tuple[str, str | None]]:
+    """(label, annotation) of each WebPerson annotation to check.
+
+    One entry for `annotation` when given or when the folder holds a single annotation;
+    otherwise one per annotation found (each JSON file, the tar shards, the Parquet
+    files), so a folder holding the same corpus in several formats is checked in each.
+    """
+    if annotation:
+        return [("WebPerson", annotation)]
+    try:
+        found = annotation_candidates(find_webperson_dir(root, None))
+    except AnnotationError:
+        return [("WebPerson", None)]  # check_dataset reports what is wrong with the folder
+    if len(found) < 2:
+        return [("WebPerson", None)]
+    checks = []
+    for _, files in found:
+        # A multi-file annotation (shards, Parquet files) is the glob of its folder.
+        if len(files) == 1 and files[0].endswith((".json", ".jsonl")):
+            chosen = files[0]
+        else:
+            chosen = os.path.join(os.path.dirname(files[0]), "*" + os.path.splitext(files[0])[1])
+        shown = os.path.relpath(chosen, find_webperson_dir(root, None))
+        checks.append((f"WebPerson ({shown})", chosen))
+    return checks
+
+
+def check_dataset(name: str, args: argparse.Namespace, annotation: str | None = None,
+                  label: str | None = None) -> tuple[list[str], list[str]]:
     """Check one dataset; print its statistics and warnings; return its problems and warnings as lines."""
-    print(f"== {name} ==", flush=True)
+    print(f"== {label or name} ==", flush=True)
     kwargs: dict[str, str] = {}
     if name == "WebPerson":
         kwargs["cache_dir"] = args.cache_dir
-        if args.annotation:
-            kwargs["annotation"] = args.annotation
+        if annotation:
+            kwargs["annotation"] = annotation
     start = time.time()
     try:
         dataset = DATASETS[name](args.root, skip_bad_records=True, **kwargs)
@@ -161,8 +189,16 @@ def run(args: argparse.Namespace) -> int:
     names = args.name or detect_datasets(args.root)
     if not names:
         layout = ", ".join(sorted(cls.dataset_dir for cls in DATASETS.values()))
-        raise ToolError(f"no dataset folder found under {args.root} (expected one of: {layout})")
-    report = {name: check_dataset(name, args) for name in names}
+        inner = sorted(os.path.join(args.root, sub) for sub in os.listdir(args.root) if detect_datasets(
+            os.path.join(args.root, sub)) and os.path.isdir(os.path.join(args.root, sub)))
+        hint = (f"; {inner[0]} holds datasets: pass it as --root" if len(inner) == 1 else
+                f"; {', '.join(inner)} hold datasets: pass one as --root" if inner else "")
+        raise ToolError(f"no dataset folder found under {args.root} (expected one of: {layout}){hint}")
+    report: dict[str, tuple[list[str], list[str]]] = {}
+    for name in names:
+        checks = webperson_checks(args.root, args.annotation) if name == "WebPerson" else [(name, None)]
+        for label, annotation in checks:
+            report[label] = check_dataset(name, args, annotation, label)
     failed = {name: problems for name, (problems, _) in report.items() if problems}
     num_warnings = sum(len(warnings) for _, warnings in report.values())
     if not failed:

@@ -132,12 +132,37 @@ def run_task(run_dir: str, override: str) -> str:
     return task
 
 
-def collect_run(run_dir: str, task: str = "auto") -> RunResult:
+def expand_runs(paths: list[str]) -> list[tuple[str, str]]:
+    """(run directory, display name) of every run named by `paths`.
+
+    A path is a run directory (it holds metrics.jsonl) or a folder of runs, such as
+    `runs/demo` with its `pretrain/` and `finetune/`: then each subfolder holding a
+    metrics.jsonl is a run, named `<folder>/<run>`. Anything else is kept as given,
+    so `collect_run` says what is missing.
+    """
+    found: list[tuple[str, str]] = []
+    for path in paths:
+        name = os.path.basename(os.path.normpath(path))
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "metrics.jsonl")):
+            inner = sorted(entry.name for entry in os.scandir(path)
+                           if entry.is_dir() and os.path.isfile(os.path.join(entry.path, "metrics.jsonl")))
+            if inner:
+                found += [(os.path.join(path, sub), f"{name}/{sub}") for sub in inner]
+                continue
+        found.append((path, name))
+    return found
+
+
+def collect_run(run_dir: str, task: str = "auto", name: str | None = None) -> RunResult:
     """A run directory's task and the selected test metrics of every benchmark it evaluated."""
     if not os.path.isdir(run_dir):
         raise ToolError(f"run directory {run_dir} not found")
-    records = read_records(os.path.join(run_dir, "metrics.jsonl"))
-    result = RunResult(name=os.path.basename(os.path.normpath(run_dir)), task=run_task(run_dir, task))
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(metrics):
+        raise ToolError(f"{metrics} not found, and no subfolder of {run_dir} holds one (a run directory holds "
+                        "metrics.jsonl once an epoch has finished)")
+    records = read_records(metrics)
+    result = RunResult(name=name or os.path.basename(os.path.normpath(run_dir)), task=run_task(run_dir, task))
     for dataset in BENCHMARKS:
         selected = select_test_metrics(records, dataset)
         if selected is not None:
@@ -221,7 +246,7 @@ def render(runs: list[RunResult], fmt: str = "markdown") -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", required=True, help="run directories (each with metrics.jsonl)")
+    parser.add_argument("--runs", nargs="+", required=True, help="run directories (each with metrics.jsonl), or folders of runs (e.g. runs/demo)")
     parser.add_argument("--format", default="markdown", choices=["markdown", "text"], help="table format")
     parser.add_argument("--task", default="auto", choices=TASKS,
                         help="treat every run as this task (default: the task in each run's config.yaml)")
@@ -232,7 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output_path(args.out, "--out")
-    runs = [collect_run(run, args.task) for run in args.runs]
+    runs = [collect_run(path, args.task, name) for path, name in expand_runs(args.runs)]
     text = render(runs, args.format)
     if args.out:
         try:
