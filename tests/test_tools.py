@@ -30,7 +30,7 @@ from tools.common import one_line
 from utils.config import load_config
 from utils.output_paths import OutputPathError, check_output_path, unwritable_reason
 from utils.run_lock import RunDirLock, RunDirUnusableError
-from utils.visualize import GREEN, GREY, RED, SERIES_COLOURS, nice_ticks, save_png, score_colour
+from utils.visualize import GREEN, GREY, RED, save_png, score_colour
 
 FINETUNE = str(REPO / "configs" / "demo" / "tiny_finetune.yaml")
 
@@ -450,21 +450,25 @@ def test_visualize_tools_check_outputs_before_loading(tool, tmp_path, capsys):
 # --------------------------------------------------------------------------- plot_curves
 
 
-def test_plot_curves_of_the_trained_run(trained, tmp_path):
+def test_plot_curves_of_the_trained_run(trained, tmp_path, capsys):
+    """A real run's records: the figure is written and its curves are the records' values (the figure's
+    lines themselves are checked in tests/test_plots.py)."""
     out = tmp_path / "curves.png"
-    assert plot_curves.main(["--run", str(trained), "--out", str(out), "--size", "800x700"]) == 0
-    pixels = not_blank(out)
-    assert pixels.shape[:2] == (700, 800)
-    colour = np.array(SERIES_COLOURS[0], dtype=np.float32)
-    assert (np.abs(pixels - colour).sum(-1) == 0).sum() > 50  # the first series is drawn
+    assert plot_curves.main(["--run", str(trained), "--out", str(out), "--figsize", "8x10", "--dpi", "80"]) == 0
+    with Image.open(out) as img:
+        assert img.size == (640, 800)
+    not_blank(out)
+    assert f"saved {out} (png)" in capsys.readouterr().out
 
     records = [json.loads(line) for line in open(trained / "metrics.jsonl")]
-    curves = plot_curves.collect_curves(records)
+    curves = plot_curves.collect_curves(records, "run")
     train = [r for r in records if r["type"] == "train"]
-    assert curves["loss"]["sdm_loss"] == {r["epoch"]: r["sdm_loss"] for r in train}
-    assert set(curves["R1"]) == {"CUHK-PEDES val", "CUHK-PEDES test"}
-    assert curves["R1"]["CUHK-PEDES test"] == {r["epoch"]: r["R1"] for r in records
-                                               if r["type"] == "eval" and r["split"] == "test"}
+    assert curves.losses["sdm_loss"] == {r["epoch"]: r["sdm_loss"] for r in train}
+    assert curves.lr == {r["epoch"]: r["lr"] for r in train}
+    assert set(curves.retrieval["R1"]) == {"CUHK-PEDES val", "CUHK-PEDES test"}
+    for metric in ("R1", "mAP"):
+        assert curves.retrieval[metric]["CUHK-PEDES test"] == {
+            r["epoch"]: r[metric] for r in records if r["type"] == "eval" and r["split"] == "test"}
 
 
 def test_plot_curves_without_eval_records_and_bad_lines(tmp_path, capsys):
@@ -478,27 +482,24 @@ def test_plot_curves_without_eval_records_and_bad_lines(tmp_path, capsys):
     blocker.write_text("x")
     assert plot_curves.main(["--run", str(run), "--out", str(blocker / "c.png")]) == 2
     assert f"--out {blocker / 'c.png'} cannot be written: {blocker} is a file" in capsys.readouterr().err
-    assert plot_curves.main(["--run", str(run)]) == 0
-    not_blank(run / "curves.png")
-    curves = plot_curves.collect_curves(lines)
-    assert curves["R1"] == {}
-    assert list(curves["loss"]) == ["loss", "mlm_loss", "sdm_loss"]
-    assert curves["loss"]["loss"] == {0: 5.0, 1: 4.0, 2: 9.0}  # the re-logged epoch replaces the first
+    out = tmp_path / "c.png"
+    assert plot_curves.main(["--run", str(run), "--out", str(out)]) == 0
+    not_blank(out)
+    curves = plot_curves.collect_curves(lines, "run")
+    assert curves.retrieval == {}
+    assert list(curves.losses) == ["loss", "mlm_loss", "sdm_loss"]
+    assert curves.losses["loss"] == {0: 5.0, 1: 4.0, 2: 9.0}  # the re-logged epoch replaces the first
 
     (run / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n{not json\n")
-    assert plot_curves.main(["--run", str(run)]) == 2
+    assert plot_curves.main(["--run", str(run), "--out", str(out)]) == 2
     assert f"{run / 'metrics.jsonl'}:2: not valid JSON" in capsys.readouterr().err
-    assert plot_curves.main(["--run", str(tmp_path / "nope")]) == 2
+    assert plot_curves.main(["--run", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "run directory" in capsys.readouterr().err
-    assert plot_curves.main(["--run", str(run), "--size", "300x300"]) == 2
-    assert "--size must be at least 500x700, got '300x300'" in capsys.readouterr().err
+    assert plot_curves.main(["--run", str(run), "--out", str(out), "--figsize", "300x300"]) == 2
+    assert "--figsize must be between 2x2 and 100x100 inches, got '300x300'" in capsys.readouterr().err
 
 
-def test_nice_ticks_and_score_colours():
-    assert nice_ticks(0, 10) == [0, 2, 4, 6, 8, 10]
-    assert nice_ticks(0.13, 0.87, 5) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    assert nice_ticks(0.13, 0.87, 4) == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert nice_ticks(0, 3, 8, integer=True) == [0, 1, 2, 3]
+def test_score_colours():
     assert score_colour(0.0) == (255, 255, 255) and score_colour(1.0) == (103, 0, 13)
     darkness = [sum(score_colour(s / 10)) for s in range(11)]
     assert all(a > b for a, b in zip(darkness, darkness[1:]))

@@ -142,10 +142,11 @@ def _tool(name: str):
 
 def draw_figures(out: Path, data: Path, pretrain_dir: Path, finetune_dir: Path) -> list[Path]:
     """GASS token scores (pretrained model on noisy WebPerson captions), retrieval rows
-    (fine-tuned model), and training curves of both runs; returns the PNG paths.
+    (the fine-tuning run's selected checkpoint: best_CUHK-PEDES.pth, else last.pth), and
+    training curves of both runs; returns the PNG paths.
 
-    What the figure tools print (token scores, ranked queries) goes to `<out>/figures/figures.log`;
-    their errors stay on stderr.
+    What the figure tools print (token scores, which checkpoint drew the retrieval rows,
+    ranked queries) goes to `<out>/figures/figures.log`; their errors stay on stderr.
     """
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -154,8 +155,7 @@ def draw_figures(out: Path, data: Path, pretrain_dir: Path, finetune_dir: Path) 
          ["--checkpoint", str(pretrain_dir / "last.pth"), "--dataset", "WebPerson", "--root", str(data),
           "--annotation", "shards", "--captions-from", "noise_report", "--num", "8"]),
         ("visualize_retrieval", figures / "retrieval.png",
-         ["--checkpoint", str(finetune_dir / "last.pth"), "--dataset", "CUHK-PEDES", "--root", str(data),
-          "--num-queries", "4"]),
+         ["--run", str(finetune_dir), "--dataset", "CUHK-PEDES", "--root", str(data), "--num-queries", "4"]),
         ("plot_curves", figures / "curves_pretrain.png", ["--run", str(pretrain_dir)]),
         ("plot_curves", figures / "curves_finetune.png", ["--run", str(finetune_dir)]),
     ]

@@ -1,8 +1,14 @@
 #!/usr/bin/env python
 """Draw text-to-image retrieval results: per query, its top-k gallery images.
 
-    python tools/visualize_retrieval.py --checkpoint RUN/best_CUHK-PEDES.pth --dataset CUHK-PEDES \\
+    python tools/visualize_retrieval.py --run RUN --dataset CUHK-PEDES \\
         --root data/synthetic [--split test] [--num-queries 4 | --query-index 0 17 ...] --out retrieval.png
+    python tools/visualize_retrieval.py --checkpoint RUN/last.pth --dataset CUHK-PEDES ... --out retrieval.png
+
+--run draws from the checkpoint the run selected for the dataset shown
+(`best_<dataset>.pth`, kept by R1 on its selection split), or from `last.pth`
+when the run wrote none for that dataset; it prints which. --checkpoint names
+the file itself.
 
 Each query is a block: the caption (wrapped) above a row holding one image of
 the query's identity (grey frame, for reference) and the top-k ranked gallery
@@ -205,9 +211,28 @@ def choose_queries(num_captions: int, indices: list[int] | None, num: int) -> li
     return sorted({int(round(x)) for x in np.linspace(0, num_captions - 1, min(num, num_captions))})
 
 
+def selected_checkpoint(run_dir: str, dataset: str) -> tuple[str, str]:
+    """The checkpoint of `run_dir` to draw `dataset` with, and why: `best_<dataset>.pth`, else `last.pth`.
+
+    Raises:
+        ToolError: `run_dir` is not a folder, or holds neither file.
+    """
+    if not os.path.isdir(run_dir):
+        raise ToolError(f"run directory {run_dir} not found")
+    best = os.path.join(run_dir, f"best_{dataset}.pth")
+    if os.path.isfile(best):
+        return best, f"the run's selected checkpoint for {dataset}"
+    last = os.path.join(run_dir, "last.pth")
+    if os.path.isfile(last):
+        return last, f"the run wrote no best_{dataset}.pth"
+    raise ToolError(f"run directory {run_dir} holds neither best_{dataset}.pth nor last.pth")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="retrieval checkpoint")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="retrieval checkpoint")
+    source.add_argument("--run", help="run directory: draw with its best_<dataset>.pth, else its last.pth")
     parser.add_argument("--config", default=None, help="config YAML (default: config.yaml next to the checkpoint)")
     parser.add_argument("--dataset", required=True, help="dataset name, e.g. CUHK-PEDES")
     parser.add_argument("--root", default=None, help="data root (default: eval.root or data.root of the config)")
@@ -228,7 +253,11 @@ def run(args: argparse.Namespace) -> list[QueryResult]:
         raise ToolError(f"--topk must be >= 1, got {args.topk}")
     check_thumb_height(args.thumb_height)
     check_output_path(args.out, "--out")
-    cfg, model, device = load_run_model(args.checkpoint, args.config, args.overrides, trust=args.trust)
+    checkpoint = args.checkpoint
+    if args.run is not None:
+        checkpoint, why = selected_checkpoint(args.run, args.dataset)
+        print(f"checkpoint: {checkpoint} ({why})")
+    cfg, model, device = load_run_model(checkpoint, args.config, args.overrides, trust=args.trust)
     root = args.root or cfg.eval.root or cfg.data.root
     try:
         split = getattr(build_dataset(args.dataset, root), args.split)
@@ -244,7 +273,7 @@ def run(args: argparse.Namespace) -> list[QueryResult]:
         marks = " ".join("+" if ok else "-" for ok in res.correct)
         print(f"query {res.index} (pid {res.pid}): top-{k} [{marks}]; first correct at rank {res.first_correct}")
     layout = make_layout(image_size_of(cfg), args.thumb_height, k)
-    title = f"{args.dataset} {args.split}: text-to-image top-{k} ({os.path.basename(args.checkpoint)})"
+    title = f"{args.dataset} {args.split}: text-to-image top-{k} ({os.path.basename(checkpoint)})"
     print(f"saved {save_png(render(results, split, layout, title), args.out)}")
     return results
 

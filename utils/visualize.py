@@ -1,12 +1,11 @@
-"""Small PIL drawing helpers shared by the visualisation tools (no matplotlib).
+"""Small PIL drawing helpers shared by the image-grid tools (search, visualize_gass, visualize_retrieval).
 
-Fonts, text wrapping, thumbnails, frames, a white -> dark-red score colour
-map with its colour bar, and a line chart with axes, ticks and a legend.
+Fonts, text wrapping, thumbnails, frames, and a white -> dark-red score colour
+map with its colour bar. Charts with axes are drawn with matplotlib (utils/plots.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -19,10 +18,8 @@ from utils.output_paths import OutputPathError, unwritable_reason
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "RGB", "WHITE", "BLACK", "GREY", "LIGHT_GREY", "GREEN", "RED", "BLUE", "SERIES_COLOURS",
-    "Series", "load_font", "text_size", "wrap_text", "fit_thumbnail", "score_colour", "text_colour_on",
-    "draw_frame", "draw_colour_bar", "draw_vertical_text", "nice_ticks", "format_tick", "draw_line_chart",
-    "save_png",
+    "RGB", "WHITE", "BLACK", "GREY", "LIGHT_GREY", "GREEN", "RED", "BLUE", "load_font", "text_size", "wrap_text",
+    "fit_thumbnail", "score_colour", "text_colour_on", "draw_frame", "draw_colour_bar", "save_png",
 ]
 
 RGB = tuple[int, int, int]
@@ -33,25 +30,9 @@ LIGHT_GREY: RGB = (225, 225, 225)
 GREEN: RGB = (0, 170, 0)
 RED: RGB = (220, 0, 0)
 BLUE: RGB = (30, 90, 230)
-#: Distinct line colours (the "tab10" hues).
-SERIES_COLOURS: tuple[RGB, ...] = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-)
 # ColorBrewer "Reds" anchors: white -> salmon -> dark red.
 _SCORE_STOPS: tuple[tuple[float, RGB], ...] = ((0.0, (255, 255, 255)), (0.35, (252, 187, 161)),
                                                (0.65, (239, 59, 44)), (1.0, (103, 0, 13)))
-
-
-@dataclasses.dataclass
-class Series:
-    """One line of a chart: points (x, y) in data units, drawn in `colour`."""
-
-    label: str
-    xs: Sequence[float]
-    ys: Sequence[float]
-    colour: RGB = SERIES_COLOURS[0]
-    dashed: bool = False
 
 
 def load_font(size: int = 14) -> ImageFont.ImageFont:
@@ -150,141 +131,8 @@ def draw_colour_bar(image: Image.Image, box: tuple[int, int, int, int], font: Im
     for t in ticks:
         x = bar_x0 + round(t * (span - 1))
         draw.line((x, y1, x, y1 + 4), fill=BLACK)
-        tick = format_tick(t)
+        tick = f"{t:g}"
         draw.text((x - text_size(font, tick)[0] // 2, y1 + 5), tick, fill=BLACK, font=font)
-
-
-def draw_vertical_text(image: Image.Image, centre: tuple[int, int], text: str, font: ImageFont.ImageFont,
-                       fill: RGB = BLACK) -> None:
-    """`text` rotated 90 degrees counter-clockwise, centred on `centre`."""
-    width, height = text_size(font, text)
-    tile = Image.new("RGBA", (width + 4, height + 4), (0, 0, 0, 0))
-    ImageDraw.Draw(tile).text((2, 2), text, fill=fill, font=font)
-    tile = tile.rotate(90, expand=True)
-    image.paste(tile, (centre[0] - tile.width // 2, centre[1] - tile.height // 2), tile)
-
-
-def nice_ticks(lo: float, hi: float, max_ticks: int = 6, integer: bool = False) -> list[float]:
-    """Round tick values (steps of 1, 2, 2.5 or 5 x 10^k) covering [lo, hi]."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"tick range must be finite, got [{lo}, {hi}]")
-    if hi < lo:
-        lo, hi = hi, lo
-    if hi == lo:
-        pad = abs(lo) * 0.1 or 1.0
-        lo, hi = lo - pad, hi + pad
-    raw = (hi - lo) / max(1, max_ticks - 1)
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    if integer:
-        step = max(1.0, float(math.ceil(step)))
-    start = math.floor(lo / step + 1e-9) * step
-    ticks = []
-    value = start
-    while value <= hi + step * 1e-9 or len(ticks) < 2:
-        ticks.append(round(value, 10))
-        value += step
-    if ticks[-1] < hi:
-        ticks.append(round(value, 10))
-    return ticks
-
-
-def format_tick(value: float) -> str:
-    """Short label of a tick value (no trailing zeros; scientific for tiny/huge magnitudes)."""
-    if value == 0:
-        return "0"
-    if abs(value) >= 1e5 or abs(value) < 1e-3:
-        return f"{value:.1e}"
-    return f"{value:.4f}".rstrip("0").rstrip(".")
-
-
-def draw_line_chart(image: Image.Image, box: tuple[int, int, int, int], series: Sequence[Series], *, title: str,
-                    xlabel: str, ylabel: str, font: ImageFont.ImageFont, title_font: ImageFont.ImageFont | None = None,
-                    integer_x: bool = True, empty_message: str = "no data") -> None:
-    """A line chart in `box` = (x0, y0, x1, y1): title, axes, ticks, grid, labels, lines and a legend.
-
-    Non-finite points are skipped; a series with one point is drawn as a marker.
-    With no points at all, the axes frame shows `empty_message`.
-    """
-    draw = ImageDraw.Draw(image)
-    title_font = title_font or font
-    x0, y0, x1, y1 = box
-    _, line_h = text_size(font, "Hg")
-    title_w, title_h = text_size(title_font, title)
-    draw.text(((x0 + x1 - title_w) // 2, y0), title, fill=BLACK, font=title_font)
-
-    points = [[(float(x), float(y)) for x, y in zip(s.xs, s.ys) if math.isfinite(float(y))] for s in series]
-    drawn = [(s, p) for s, p in zip(series, points) if p]
-    legend_w = max((text_size(font, s.label)[0] for s, _ in drawn), default=0) + 40 if drawn else 0
-    ys_all = [y for _, p in drawn for _, y in p]
-    xs_all = [x for _, p in drawn for x, _ in p]
-    y_ticks = nice_ticks(min(ys_all), max(ys_all), 6) if ys_all else [0.0, 1.0]
-    x_ticks = nice_ticks(min(xs_all), max(xs_all), 8, integer=integer_x) if xs_all else [0.0, 1.0]
-    y_label_w = max(text_size(font, format_tick(t))[0] for t in y_ticks)
-
-    plot = (x0 + line_h + 10 + y_label_w + 6, y0 + title_h + 12, x1 - legend_w - 10, y1 - 2 * line_h - 14)
-    px0, py0, px1, py1 = plot
-    if px1 - px0 < 20 or py1 - py0 < 20:
-        raise ValueError(f"chart box {box} is too small for its labels")
-    draw.rectangle(plot, outline=BLACK, fill=WHITE)
-    xlo, xhi = x_ticks[0], x_ticks[-1]
-    ylo, yhi = y_ticks[0], y_ticks[-1]
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        return (px0 + (x - xlo) / (xhi - xlo) * (px1 - px0), py1 - (y - ylo) / (yhi - ylo) * (py1 - py0))
-
-    for t in y_ticks:
-        _, py = to_px(xlo, t)
-        draw.line((px0 + 1, py, px1 - 1, py), fill=LIGHT_GREY)
-        draw.line((px0 - 4, py, px0, py), fill=BLACK)
-        label = format_tick(t)
-        lw, lh = text_size(font, label)
-        draw.text((px0 - 6 - lw, py - lh // 2), label, fill=BLACK, font=font)
-    for t in x_ticks:
-        px, _ = to_px(t, ylo)
-        draw.line((px, py0 + 1, px, py1 - 1), fill=LIGHT_GREY)
-        draw.line((px, py1, px, py1 + 4), fill=BLACK)
-        label = format_tick(t)
-        draw.text((px - text_size(font, label)[0] // 2, py1 + 6), label, fill=BLACK, font=font)
-    draw.rectangle(plot, outline=BLACK)
-    xw, _ = text_size(font, xlabel)
-    draw.text(((px0 + px1 - xw) // 2, py1 + line_h + 10), xlabel, fill=BLACK, font=font)
-    draw_vertical_text(image, (x0 + line_h // 2 + 2, (py0 + py1) // 2), ylabel, font)
-
-    if not drawn:
-        mw, mh = text_size(font, empty_message)
-        draw.text(((px0 + px1 - mw) // 2, (py0 + py1 - mh) // 2), empty_message, fill=GREY, font=font)
-        return
-    for s, pts in drawn:
-        coords = [to_px(x, y) for x, y in pts]
-        if len(coords) > 1:
-            if s.dashed:
-                for (ax, ay), (bx, by) in zip(coords, coords[1:]):
-                    _dashed_line(draw, (ax, ay), (bx, by), s.colour)
-            else:
-                draw.line(coords, fill=s.colour, width=2, joint="curve")
-        for cx, cy in coords:
-            draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=s.colour)
-    ly = py0 + 4
-    for s, _ in drawn:
-        lx = px1 + 10
-        if s.dashed:
-            _dashed_line(draw, (lx, ly + line_h / 2), (lx + 22, ly + line_h / 2), s.colour)
-        else:
-            draw.line((lx, ly + line_h / 2, lx + 22, ly + line_h / 2), fill=s.colour, width=2)
-        draw.ellipse((lx + 8, ly + line_h / 2 - 3, lx + 14, ly + line_h / 2 + 3), fill=s.colour)
-        draw.text((lx + 28, ly), s.label, fill=BLACK, font=font)
-        ly += line_h + 6
-
-
-def _dashed_line(draw: ImageDraw.ImageDraw, a: tuple[float, float], b: tuple[float, float], colour: RGB,
-                 dash: float = 6.0) -> None:
-    length = math.hypot(b[0] - a[0], b[1] - a[1])
-    steps = max(1, int(length // dash))
-    for k in range(0, steps, 2):
-        t0, t1 = k / steps, min(1.0, (k + 1) / steps)
-        draw.line((a[0] + (b[0] - a[0]) * t0, a[1] + (b[1] - a[1]) * t0,
-                   a[0] + (b[0] - a[0]) * t1, a[1] + (b[1] - a[1]) * t1), fill=colour, width=2)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> str:
