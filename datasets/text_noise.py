@@ -110,6 +110,10 @@ class NoiseVocabulary:
         return {word: (name, g) for name, groups in self.swap_classes.items()
                 for g, group in enumerate(groups) for word in group}
 
+    @functools.cached_property
+    def _typo_cache(self) -> dict[str, dict[str, list[str]]]:
+        return {}
+
     def word_class(self, word: str) -> str | None:
         """The swap class of ``word`` (any case), or None."""
         found = self._word_groups.get(word.lower())
@@ -302,45 +306,34 @@ def _fix_article(words: list[str], seps: Sequence[str], i: int) -> None:
         words[i - 1] = _match_case(words[i - 1], _article_for(words[i]))
 
 
-def _typo_options(word: str, vocab: NoiseVocabulary) -> list[str]:
-    """Typo operations that change ``word`` inside it (its letters, never its hyphens or apostrophes)."""
-    letters = [j for j, c in enumerate(word) if c.isalpha()]
-    keyed = [j for j in letters if word[j].lower() in vocab.keyboard]
-    options = []
-    if keyed:
-        options += ["substitute", "insert"]
-    if len(letters) >= 2 and len(word) >= 2:
-        options.append("delete")
-    if any(word[j + 1].isalpha() and word[j].lower() != word[j + 1].lower() for j in letters[:-1]
-           if j + 1 < len(word)):
-        options.append("transpose")
-    return [op for op in options if vocab.typo_operations.get(op, 0.0) > 0]
+def _typo_candidates(word: str, vocab: NoiseVocabulary) -> dict[str, list[str]]:
+    """Every one-typo variant of ``word`` by operation, each still one word (hyphens and apostrophes inside it)."""
+    cache = vocab._typo_cache
+    if word in cache:
+        return cache[word]
+    lower = word.lower()
+    found: dict[str, list[str]] = {op: [] for op in _TYPO_OPERATIONS if vocab.typo_operations.get(op, 0.0) > 0}
+    for j, c in enumerate(word):
+        if not c.isalpha():
+            continue
+        near = [n.upper() if c.isupper() else n for n in vocab.keyboard.get(c.lower(), "")]
+        variants = {"substitute": [word[:j] + n + word[j + 1:] for n in near],
+                    "insert": [word[:j + 1] + n + word[j + 1:] for n in near],
+                    "delete": [word[:j] + word[j + 1:]],
+                    "transpose": [word[:j] + word[j + 1] + word[j] + word[j + 2:]] if j + 1 < len(word) else []}
+        for op, texts in variants.items():
+            if op in found:
+                found[op] += [t for t in texts if t.lower() != lower and _WORD_RE.fullmatch(t)]
+    cache[word] = {op: texts for op, texts in found.items() if texts}
+    return cache[word]
 
 
 def _typo_word(word: str, vocab: NoiseVocabulary, rng: random.Random) -> str:
-    typo = _typo_letters(word, vocab, rng)
+    candidates = _typo_candidates(word, vocab)
+    ops = list(candidates)
+    typo = rng.choice(candidates[rng.choices(ops, [vocab.typo_operations[op] for op in ops])[0]])
     # "She" -> "Hse", not "hSe": the word keeps its capitalisation.
     return _match_case(word, typo.lower()) if word[:1].isupper() and not word[1:].isupper() else typo
-
-
-def _typo_letters(word: str, vocab: NoiseVocabulary, rng: random.Random) -> str:
-    options = _typo_options(word, vocab)
-    op = rng.choices(options, [vocab.typo_operations[o] for o in options])[0]
-    letters = [j for j, c in enumerate(word) if c.isalpha()]
-    if op == "transpose":
-        pairs = [j for j in letters if j + 1 < len(word) and word[j + 1].isalpha()
-                 and word[j].lower() != word[j + 1].lower()]
-        j = rng.choice(pairs)
-        return word[:j] + word[j + 1] + word[j] + word[j + 2:]
-    if op == "delete":
-        j = rng.choice(letters)
-        return word[:j] + word[j + 1:]
-    j = rng.choice([j for j in letters if word[j].lower() in vocab.keyboard])
-    near = rng.choice(vocab.keyboard[word[j].lower()])
-    near = near.upper() if word[j].isupper() else near
-    if op == "substitute":
-        return word[:j] + near + word[j + 1:]
-    return word[:j + 1] + near + word[j + 1:]
 
 
 def _pronoun(words: Sequence[str], vocab: NoiseVocabulary) -> str:
@@ -375,10 +368,12 @@ def _insert_clauses(text: str, budget: int, vocab: NoiseVocabulary, rng: random.
     at: dict[int, list[str]] = {}
     for clause in chosen:
         at.setdefault(rng.choice(boundaries), []).append(clause)
-    lower_case = not any(c.isupper() for c in text)
+    # The caption's style: all lower case, all capitals, or sentences with a capital.
+    lower_case, upper_case = not any(c.isupper() for c in text), not any(c.islower() for c in text)
 
     def sentence(clause: str) -> str:
-        return (clause if lower_case else clause[:1].upper() + clause[1:]) + "."
+        text = clause if lower_case else clause.upper() if upper_case else clause[:1].upper() + clause[1:]
+        return text + "."
 
     out = []
     for i, word in enumerate(words):
@@ -449,7 +444,7 @@ def corrupt_caption(caption: str, kind: str, rate: float, *, seed: int = 0, inde
             _fix_article(new, seps, i)
         return NoisyCaption(_join(new, seps, set()), n, len(chosen))
     if kind == "typo":
-        chosen = [i for i in order if _typo_options(words[i], vocab)][:budget]
+        chosen = [i for i in order if _typo_candidates(words[i], vocab)][:budget]
         for i in chosen:
             new[i] = _typo_word(words[i], vocab, word_rng(i))
         return NoisyCaption(_join(new, seps, set()), n, len(chosen))
@@ -471,7 +466,7 @@ def corrupt_caption(caption: str, kind: str, rate: float, *, seed: int = 0, inde
         if chosen_kind == "swap" and vocab.word_class(words[i]):
             new[i] = _swap_word(words[i], vocab, word_rng(i))
             _fix_article(new, seps, i)
-        elif chosen_kind in ("swap", "typo") and _typo_options(words[i], vocab):
+        elif chosen_kind in ("swap", "typo") and _typo_candidates(words[i], vocab):
             new[i] = _typo_word(words[i], vocab, word_rng(i))
         elif len(dropped) < n - 1:
             dropped.add(i)
