@@ -1,12 +1,16 @@
 """Training and evaluation datasets, samplers and loaders.
 
-A training sample is a dict of tensors: the image, its pid and image id, the
-sample's global index (row of the GASS score cache), the clean caption ids,
-and — depending on the masking mode — the noise-masked caption (contrastive
-branch) and the masked caption with its labels (MLM branch). Masks are drawn
-in the DataLoader workers from a generator seeded by (seed, epoch, index), and
-image augmentation is seeded the same way, so samples do not depend on worker
-count or order and a resumed run draws exactly what an uninterrupted one does.
+A training batch is a dict of tensors: the images (uint8 pixels, plus a
+fourth channel flagging randomly erased pixels when augmenting; the image
+tower normalises them on the device), their pids and image ids, the samples'
+global indices (rows of the GASS score cache), the clean caption ids, and —
+depending on the masking mode — the noise-masked captions (contrastive branch)
+and the masked captions with their labels (MLM branch). A sample carries the
+image and the clean ids; the masks are drawn per batch in the collate function
+(one score-cache read, one vectorised corruption), every sample from its own
+generator seeded by (seed, epoch, index). Image augmentation is seeded the same
+way, so batches do not depend on worker count or order and a resumed run draws
+exactly what an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -72,11 +76,11 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class TrainDataset(Dataset):
-    """Training samples of a corpus, tokenised and masked.
+    """Training samples of a corpus, tokenised; `collate` stacks them and adds the masks.
 
     Args:
         index: The corpus' training index.
-        transform: Image transform (PIL -> tensor).
+        transform: Image transform (PIL -> tensor; `build_transforms(..., uint8=True)` for training).
         tokenizer: CLIP tokenizer.
         text_length: Context length of the token ids.
         masking: Which masked captions to produce.
@@ -133,28 +137,38 @@ class TrainDataset(Dataset):
             "index": torch.tensor(i, dtype=torch.long),
             "caption_ids": ids,
         }
-        sample.update(self.mask(ids, i))
         return sample
 
-    def mask(self, ids: torch.Tensor, i: int) -> dict[str, torch.Tensor]:
-        """The masked captions of sample `i` (deterministic in seed, epoch and i)."""
+    def collate(self, samples: Sequence[dict | None]) -> dict[str, torch.Tensor]:
+        """`collate_train`, plus the masked captions of the batch's samples."""
+        batch = collate_train(samples)
+        if "index" in batch:
+            batch.update(self.mask(batch["caption_ids"], batch["index"]))
+        return batch
+
+    def mask(self, ids: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The masked captions of samples `indices` ([B]) with clean `ids` ([B, L]).
+
+        Row b is drawn from the generator of sample `indices[b]` (seeded by seed,
+        epoch and index), so a sample's masks do not depend on its batch.
+        """
         spec = self.masking
         out: dict[str, torch.Tensor] = {}
         if not spec.noise and spec.mlm == "none":
             return out
-        generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, i))
-        scores = self.score_cache.get([i])[0] if spec.needs_scores else None
+        generators = [torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, i)) for i in indices.tolist()]
+        scores = self.score_cache.get(indices) if spec.needs_scores else None
         common = dict(mask_ratio=spec.mask_ratio, random_ratio=spec.random_ratio)
         if spec.noise:
-            out["noise_ids"] = noise_mask(ids, scores, generator, max_prob=spec.noise_max_prob,
+            out["noise_ids"] = noise_mask(ids, scores, generators, max_prob=spec.noise_max_prob,
                                           slope=spec.noise_slope, center=spec.noise_center,
                                           force_one=spec.noise_force_one, **common)
         if spec.mlm == "informative":
             out["mlm_ids"], out["mlm_labels"] = informative_mask(
-                ids, scores, generator, max_prob=spec.mlm_max_prob, slope=spec.mlm_slope,
+                ids, scores, generators, max_prob=spec.mlm_max_prob, slope=spec.mlm_slope,
                 center=spec.mlm_center, **common)
         elif spec.mlm == "random":
-            out["mlm_ids"], out["mlm_labels"] = random_mask(ids, generator, prob=spec.random_prob, **common)
+            out["mlm_ids"], out["mlm_labels"] = random_mask(ids, generators, prob=spec.random_prob, **common)
         return out
 
 
@@ -206,7 +220,7 @@ def build_train_loader(cfg: Any, index: TrainIndex, tokenizer: Tokenizer, *, sco
     `set_loader_epoch(loader, epoch)` before iterating each epoch.
     """
     spec = masking_spec_from_config(cfg)
-    transform = build_transforms(tuple(cfg.model.clip.image_size), is_train=True, aug=cfg.data.img_aug)
+    transform = build_transforms(tuple(cfg.model.clip.image_size), is_train=True, aug=cfg.data.img_aug, uint8=True)
     dataset = TrainDataset(index, transform, tokenizer, text_length=cfg.data.text_length, masking=spec,
                            score_cache=score_cache if spec.needs_scores else None, seed=cfg.seed,
                            skip_bad_images=cfg.data.skip_bad_images)
@@ -219,7 +233,7 @@ def build_train_loader(cfg: Any, index: TrainIndex, tokenizer: Tokenizer, *, sco
     else:
         raise ValueError(f"unknown data.sampler {cfg.data.sampler!r}; valid: {', '.join(SAMPLERS)}")
     return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=cfg.data.num_workers, collate_fn=collate_train,
+                      num_workers=cfg.data.num_workers, collate_fn=dataset.collate,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 

@@ -5,12 +5,16 @@ place, and only touch ordinary ids (``vocab_low <= id <= vocab_high``, by
 default 1..49404): padding 0, SOT, EOT and the mask token are never changed
 and never labelled. Randomness comes only from the explicit ``generator``;
 full ``[B, L]`` tensors are drawn in a fixed order whatever the eligibility
-pattern, so the same seed always gives the same masks.
+pattern, so the same seed always gives the same masks. ``generator`` may also
+be one generator per row: row ``b`` is then drawn from ``generator[b]`` alone,
+so a batch masked at once equals its rows masked one by one (the training
+loader masks per batch, each sample with its own seeded generator).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 
@@ -50,10 +54,44 @@ def informative_probability(
     return max_prob * torch.sigmoid(slope * (scores - center))
 
 
+Generators = torch.Generator | Sequence[torch.Generator]
+
+
+def _check_generators(generator: Generators, rows: int) -> None:
+    if isinstance(generator, torch.Generator):
+        return
+    if not (isinstance(generator, Sequence) and all(isinstance(g, torch.Generator) for g in generator)):
+        raise TypeError(f"generator must be a torch.Generator or a sequence of them, got {type(generator).__name__}")
+    if len(generator) != rows:
+        raise ValueError(f"got {len(generator)} generators for {rows} rows of ids")
+
+
+def _draw(generator: Generators, shape: torch.Size, vocab_low: int, vocab_high: int,
+          device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Selection draws, action draws and replacement ids, ``[B, L]`` each, on ``device``.
+
+    One generator draws the three full tensors in turn; per-row generators draw
+    the same three tensors of their row (one row = what that generator alone would draw).
+    """
+    if isinstance(generator, torch.Generator):
+        select = torch.rand(shape, generator=generator, device=generator.device)
+        action = torch.rand(shape, generator=generator, device=generator.device)
+        random_ids = torch.randint(vocab_low, vocab_high + 1, shape, generator=generator, device=generator.device)
+        return select.to(device), action.to(device), random_ids.to(device)
+    gen_device = generator[0].device if len(generator) else device
+    select, action = torch.empty(shape, device=gen_device), torch.empty(shape, device=gen_device)
+    random_ids = torch.empty(shape, dtype=torch.long, device=gen_device)
+    for row, g in enumerate(generator):
+        torch.rand(shape[1], generator=g, out=select[row])
+        torch.rand(shape[1], generator=g, out=action[row])
+        torch.randint(vocab_low, vocab_high + 1, (shape[1],), generator=g, out=random_ids[row])
+    return select.to(device), action.to(device), random_ids.to(device)
+
+
 def apply_mask(
     ids: torch.Tensor,
     prob: torch.Tensor | float,
-    generator: torch.Generator,
+    generator: Generators,
     *,
     mask_id: int = MASK_ID,
     mask_ratio: float = 0.8,
@@ -75,6 +113,7 @@ def apply_mask(
             float for all tokens.
         generator: source of all randomness; its device is where the random
             tensors are drawn (they are moved to ``ids.device`` afterwards).
+            Or one generator per row of ``[B, L]`` ids (module docstring).
         mask_id: id written for masked tokens.
         mask_ratio: share of selected tokens replaced by ``mask_id``.
         random_ratio: share of selected tokens replaced by a random ordinary id.
@@ -91,8 +130,6 @@ def apply_mask(
         raise TypeError(f"ids must be an integer tensor, got {ids!r:.80}")
     if ids.dim() not in (1, 2):
         raise ValueError(f"ids must have shape [B, L] or [L], got {tuple(ids.shape)}")
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if not (mask_ratio >= 0 and random_ratio >= 0 and mask_ratio + random_ratio <= 1):
         raise ValueError(
             f"need mask_ratio >= 0, random_ratio >= 0 and their sum <= 1, "
@@ -107,6 +144,7 @@ def apply_mask(
 
     squeeze = ids.dim() == 1
     tokens = ids.unsqueeze(0) if squeeze else ids
+    _check_generators(generator, tokens.shape[0])
     if isinstance(prob, torch.Tensor):
         if prob.shape != ids.shape:
             raise ValueError(f"prob shape {tuple(prob.shape)} must equal ids shape {tuple(ids.shape)}")
@@ -118,13 +156,8 @@ def apply_mask(
 
     # Always draw the same full tensors in the same order, so results depend
     # only on the seed and the shape, never on which positions are eligible.
-    gen_device = generator.device
-    shape = tokens.shape
-    select_draw = torch.rand(shape, generator=generator, device=gen_device).to(ids.device)
-    action_draw = torch.rand(shape, generator=generator, device=gen_device).to(ids.device)
-    random_ids = torch.randint(vocab_low, vocab_high + 1, shape, generator=generator, device=gen_device).to(
-        device=ids.device, dtype=ids.dtype
-    )
+    select_draw, action_draw, random_ids = _draw(generator, tokens.shape, vocab_low, vocab_high, ids.device)
+    random_ids = random_ids.to(ids.dtype)
 
     eligible = (tokens >= vocab_low) & (tokens <= vocab_high)
     selected = eligible & (select_draw < prob)
@@ -148,7 +181,7 @@ def apply_mask(
 def noise_mask(
     ids: torch.Tensor,
     scores: torch.Tensor,
-    generator: torch.Generator,
+    generator: Generators,
     *,
     max_prob: float = 0.2,
     slope: float = 20.0,
@@ -190,7 +223,7 @@ def noise_mask(
 def informative_mask(
     ids: torch.Tensor,
     scores: torch.Tensor,
-    generator: torch.Generator,
+    generator: Generators,
     *,
     max_prob: float = 0.3,
     slope: float = 20.0,
@@ -225,7 +258,7 @@ def informative_mask(
 
 def random_mask(
     ids: torch.Tensor,
-    generator: torch.Generator,
+    generator: Generators,
     *,
     prob: float = 0.15,
     mask_id: int = MASK_ID,

@@ -9,6 +9,10 @@ no such key, so our state dict matches theirs exactly; OpenAI files that carry i
 load, the value is dropped). Both towers return *all* projected tokens
 (the MLM branch needs them) and attention is our own small module so that GASS can reach
 the internals of each text block.
+
+The image tower takes float images already normalised, or a uint8 batch that it
+normalises itself (``normalize_images``): training workers ship uint8 pixels, a
+quarter of the bytes, and skip the float conversion.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CLIP",
+    "CLIP_MEAN",
     "CLIP_PRESETS",
+    "CLIP_STD",
     "OPENAI_URLS",
     "MultiheadSelfAttention",
     "QuickGELU",
@@ -61,6 +67,7 @@ __all__ = [
     "clip_preset",
     "infer_clip_config",
     "load_clip_state_dict",
+    "normalize_images",
     "resize_pos_embed",
     "resolve_clip_checkpoint",
 ]
@@ -131,6 +138,10 @@ OPENAI_URLS: dict[str, str] = {
     "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
 
+#: OpenAI CLIP's per-channel pixel mean and std (RGB, pixels in [0, 1]).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 _DOWNLOAD_TIMEOUT_S = 30.0
 # Keys of OpenAI's TorchScript archives that are attributes, not parameters.
 _NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -141,6 +152,29 @@ _UNUSED_KEYS = ("logit_scale",)
 
 class NotAClipViTError(IncompatibleWeightsError, ValueError):
     """Weights that are no OpenAI-keyed CLIP ViT (a ResNet CLIP, another model's state dict)."""
+
+
+def normalize_images(images: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+    """A uint8 batch ``[B, 3 or 4, H, W]`` as CLIP-normalised float32 ``[B, 3, H, W]``.
+
+    The same float operations as torchvision's ``ToTensor`` then ``Normalize``
+    (``x / 255``, minus the mean, over the std), so the result equals theirs. A fourth
+    channel flags the pixels IRRA's random erasing erased (``datasets.transforms``):
+    IRRA erases after normalising and writes the mean itself, so they get ``mean``.
+
+    Args:
+        images: uint8 pixels, channels RGB (+ erased-pixel flags).
+        mean: per-channel mean, float32 ``[3]`` (default ``CLIP_MEAN``).
+        std: per-channel std, float32 ``[3]`` (default ``CLIP_STD``).
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (3, 4):
+        raise ValueError(f"expected uint8 images [B, 3 or 4, H, W], got {images.dtype} {tuple(images.shape)}")
+    mean = (torch.tensor(CLIP_MEAN) if mean is None else mean).to(images.device, torch.float32).view(3, 1, 1)
+    std = (torch.tensor(CLIP_STD) if std is None else std).to(images.device, torch.float32).view(3, 1, 1)
+    pixels = images[:, :3].float().div(255).sub(mean).div(std)
+    if images.shape[1] == 4:
+        pixels = torch.where(images[:, 3:].bool(), mean, pixels)
+    return pixels
 
 
 class QuickGELU(nn.Module):
@@ -286,11 +320,20 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, layers, heads, causal=False, grad_checkpointing=grad_checkpointing)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        # Not persistent: the state dict keeps OpenAI's keys exactly.
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_STD), persistent=False)
 
     def forward(self, images: Tensor) -> Tensor:
-        """Map images [B, 3, H, W] to projected tokens [B, 1 + gh * gw, output_dim]."""
+        """Map images [B, 3, H, W] to projected tokens [B, 1 + gh * gw, output_dim].
+
+        Float images are taken as normalised; uint8 ones are normalised here
+        (``normalize_images``, erased-pixel flags in a fourth channel allowed).
+        """
         if images.shape[-2:] != self.image_size:
             raise ValueError(f"expected images of size {self.image_size} (H, W), got {tuple(images.shape[-2:])}")
+        if images.dtype == torch.uint8:
+            images = normalize_images(images, self.pixel_mean, self.pixel_std)
         x = self.conv1(images).flatten(2).transpose(1, 2)  # [B, gh*gw, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
