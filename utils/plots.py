@@ -20,6 +20,7 @@ import math
 import os
 from collections.abc import Sequence
 
+import matplotlib
 from matplotlib import ticker
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -51,8 +52,9 @@ _LEGEND_WIDTH = 2.2
 _COMMON_SCALE = (*RETRIEVAL_METRICS, "lr")
 _PANEL_TITLES = {**{m: f"text-to-image {m} per evaluated set (axis from 0)" for m in RETRIEVAL_METRICS},
                  "lr": "learning rate"}
-# Fixed creation dates make the vector files of the same curves byte-identical.
+# No creation dates, and fixed SVG element ids: the same curves give byte-identical files.
 _METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}, "png": {}}
+_SVG_HASH_SALT = "gadms-curves"
 
 
 @dataclasses.dataclass
@@ -212,7 +214,8 @@ def save_figure(fig: Figure, path: str | os.PathLike, fmt: str, *, dpi: int = 15
         raise ValueError(f"figure format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     path = os.fspath(path)
     try:
-        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi, metadata=_METADATA[fmt]))
+        with matplotlib.rc_context({"svg.hashsalt": _SVG_HASH_SALT}):  # restored on exit: no global change
+            atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi, metadata=_METADATA[fmt]))
     except OSError as err:
         reason = unwritable_reason(path) or err.strerror or str(err)
         raise OutputPathError(f"cannot write {path}: {reason}; choose another path") from err
