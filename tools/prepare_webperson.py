@@ -27,6 +27,7 @@ sha256 (also in ``SHA256SUMS``, for ``sha256sum -c``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -38,13 +39,15 @@ import sys
 import tarfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import PIL  # noqa: E402
 from PIL import Image, UnidentifiedImageError, features  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from datasets.bases import AnnotationError, ImageReadError, _image_source  # noqa: E402
 from datasets.synthetic import OutputExistsError, check_claimable, claim_folder  # noqa: E402
@@ -200,12 +203,16 @@ def prepare_image(data: bytes, options: ImageOptions) -> tuple[str, bytes, str]:
 # --------------------------------------------------------------------------- files
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write ``path`` whole or not at all: a temp file beside it, synced, then renamed over it."""
+@contextlib.contextmanager
+def _atomic_file(path: str) -> Iterator[BinaryIO]:
+    """Write ``path`` whole or not at all: a temp file beside it, synced, then renamed over it.
+
+    A run killed before the rename leaves only the temp file, which the next run deletes.
+    """
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"
     try:
         with open(tmp, "xb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -213,6 +220,11 @@ def _write_atomic(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    with _atomic_file(path) as f:
+        f.write(data)
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -302,33 +314,23 @@ def write_shard(job: Job, shard: int) -> dict[str, Any]:
     path = os.path.join(job.out, name)
     actions = {"resized": 0, "encoded": 0, "copied": 0}
     skipped: list[dict[str, str]] = []
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as raw:
-            with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for image in range(first, end):
-                    key = f"{image:09d}"
-                    _, _, image_path, caption1 = job.index[2 * image]
-                    caption2 = job.index[2 * image + 1][3]
-                    try:
-                        ext, data, action = prepare_image(read_image_bytes(image_path), job.options)
-                    except BadImage as e:
-                        if job.strict:
-                            raise ImageReadError(image_path, f"{e.reason} (--strict; without it the image is "
-                                                             "skipped and listed in the manifest)") from e
-                        skipped.append({"key": key, "image": image_path, "reason": e.reason})
-                        continue
-                    actions[action] += 1
-                    tar.addfile(*_tar_member(f"{key}.{ext}", data))
-                    captions = dict(zip(CAPTION_KEYS, (caption1, caption2), strict=True))
-                    tar.addfile(*_tar_member(f"{key}.json", json.dumps(captions, ensure_ascii=False).encode("utf-8")))
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with _atomic_file(path) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for image in range(first, end):
+            key = f"{image:09d}"
+            _, _, image_path, caption1 = job.index[2 * image]
+            caption2 = job.index[2 * image + 1][3]
+            try:
+                ext, data, action = prepare_image(read_image_bytes(image_path), job.options)
+            except BadImage as e:
+                if job.strict:
+                    raise ImageReadError(image_path, f"{e.reason} (--strict; without it the image is skipped "
+                                                     "and listed in the manifest)") from e
+                skipped.append({"key": key, "image": image_path, "reason": e.reason})
+                continue
+            actions[action] += 1
+            tar.addfile(*_tar_member(f"{key}.{ext}", data))
+            captions = dict(zip(CAPTION_KEYS, (caption1, caption2), strict=True))
+            tar.addfile(*_tar_member(f"{key}.json", json.dumps(captions, ensure_ascii=False).encode("utf-8")))
     record = {"plan": job.plan_digest, "name": name, "first_image": first, "end_image": end,
               "images": end - first - len(skipped), "bytes": os.path.getsize(path), "sha256": _sha256(path),
               "actions": actions, "skipped_images": skipped}
@@ -350,8 +352,6 @@ def _do_shard(shard: int) -> tuple[int, dict[str, Any], bool]:
 
 def _run_shards(job: Job, num_shards: int, workers: int) -> tuple[list[dict[str, Any]], int]:
     """Every shard's record in shard order, and how many were kept from an earlier run."""
-    from tqdm import tqdm
-
     global _JOB
     _JOB = job
     records: dict[int, dict[str, Any]] = {}
