@@ -114,6 +114,17 @@ class NoiseVocabulary:
     def _typo_cache(self) -> dict[str, dict[str, list[str]]]:
         return {}
 
+    @functools.cached_property
+    def _clause_cache(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+        return {}
+
+    def _clauses_for(self, pron: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """The clauses with ``{pron}`` filled in, and their word counts."""
+        if pron not in self._clause_cache:
+            clauses = tuple(c.replace("{pron}", pron) for c in self.clauses)
+            self._clause_cache[pron] = clauses, tuple(len(split_words(c)[0]) for c in clauses)
+        return self._clause_cache[pron]
+
     def word_class(self, word: str) -> str | None:
         """The swap class of ``word`` (any case), or None."""
         found = self._word_groups.get(word.lower())
@@ -295,9 +306,10 @@ def _join(words: Sequence[str], seps: Sequence[str], dropped: set[int]) -> str:
 
 
 def _swap_word(word: str, vocab: NoiseVocabulary, rng: random.Random) -> str:
-    name = vocab.word_class(word)
-    groups = [g for g in vocab.swap_classes[name] if not vocab.same_value(g[0], word)]
-    return _match_case(word, rng.choice(rng.choice(groups)))
+    name, own = vocab._word_groups[word.lower()]
+    groups = vocab.swap_classes[name]
+    other = rng.randrange(len(groups) - 1)
+    return _match_case(word, rng.choice(groups[other + (other >= own)]))
 
 
 def _fix_article(words: list[str], seps: Sequence[str], i: int) -> None:
@@ -347,9 +359,7 @@ def _insert_clauses(text: str, budget: int, vocab: NoiseVocabulary, rng: random.
     words, seps = split_words(text)
     if budget <= 0 or not words:
         return text, 0
-    pron = _pronoun(words, vocab)
-    clauses = [c.replace("{pron}", pron) for c in vocab.clauses]
-    lengths = [len(split_words(c)[0]) for c in clauses]
+    clauses, lengths = vocab._clauses_for(_pronoun(words, vocab))
     shortest = min(lengths)
     chosen: list[str] = []
     inserted = 0
