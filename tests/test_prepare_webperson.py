@@ -294,15 +294,19 @@ def test_refuses_foreign_folders_and_other_flags_without_overwrite(tmp_path, cap
 
 
 def test_train_pretrains_two_steps_on_prepared_shards(tmp_path):
-    _write_source(tmp_path / "src", "parquet")
-    out = tmp_path / "prepared"
-    assert prepare.main(["--root", str(tmp_path / "src"), "--out", str(out), "--size", "64", "32", "--workers",
+    # The documented layout: the shards in WebPerson/prepared, data.root unchanged, data.annotation=prepared.
+    _write_source(tmp_path / "data", "parquet")
+    out = tmp_path / "data" / "WebPerson" / "prepared"
+    assert prepare.main(["--root", str(tmp_path / "data"), "--out", str(out), "--size", "64", "32", "--workers",
                          "1"]) == 0
     train = load_tool("train")
     run_dir = tmp_path / "run"
-    code = train.main(["--config", str(REPO / "configs" / "demo" / "tiny_pretrain.yaml"), f"data.root={out}",
-                       f"data.annotation={out}", f"output_dir={run_dir}", "eval.period=0", "train.max_steps=2",
-                       "solver.epochs=1", "solver.warmup_epochs=0", "data.batch_size=8", "data.num_workers=0"])
+    code = train.main(["--config", str(REPO / "configs" / "demo" / "tiny_pretrain.yaml"),
+                       f"data.root={tmp_path / 'data'}", "data.annotation=prepared", f"output_dir={run_dir}",
+                       "eval.period=0", "train.max_steps=2", "solver.epochs=1", "solver.warmup_epochs=0",
+                       "data.batch_size=8", "data.num_workers=0"])
     assert code == 0
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl", encoding="utf-8")]
     assert [(r["epoch"], r["step"], r["skipped_images"]) for r in records if r["type"] == "train"] == [(0, 2, 0)]
+    # It read the shards: the loader cached their index beside them.
+    assert [n for n in os.listdir(out) if n.endswith(".npz")] != []

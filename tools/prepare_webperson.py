@@ -1,12 +1,13 @@
 """Prepare WebPerson training shards: images resized once, in tar shards the WebPerson loader reads.
 
-    python tools/prepare_webperson.py --root data --out data/webperson-384x128 --workers 8
+    python tools/prepare_webperson.py --root data --out data/WebPerson/prepared --workers 8
 
 Reads any form the loader reads (the hub's Parquet files, the authors' JSON + images,
 JSONL, tar shards; ``--root``/``--annotation`` as ``data.root``/``data.annotation``) and
 writes ``webperson-NNNNNN.tar`` shards of ``<key>.jpg`` + ``<key>.json``
 (``{"caption1", "caption2"}``), the key being the image's 0-based position in the
-source (9 digits). Train on them with ``data.root=<out> data.annotation=<out>``.
+source (9 digits). Train on them with ``data.annotation=<out>`` (for ``--out
+<root>/WebPerson/prepared``: ``data.annotation=prepared``), keeping ``data.root``.
 
 By default an image is shrunk to the smallest size that covers ``--size`` (384 x 128,
 H x W) with its aspect ratio kept, so the training transform's ``Resize`` only ever
@@ -523,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
           f"in {time.perf_counter() - start:.1f} s with {min(workers, max(num_shards, 1))} worker(s); skipped "
           f"{counts['skipped_records']} bad record(s) and {counts['skipped_images']} unreadable image(s) "
           f"(listed in {out / MANIFEST})")
-    print(f"train on it with: data.root={out} data.annotation={out}")
+    print(f"train on it with: data.annotation={out.resolve()} (data.root stays the folder of the evaluation sets)")
     return 0
 
 
