@@ -277,9 +277,10 @@ def test_refuses_foreign_folders_and_other_flags_without_overwrite(tmp_path, cap
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    assert _run(tmp_path / "src", foreign) == 2
-    assert "is not empty and was not made by tools/prepare_webperson.py" in capsys.readouterr().err
-    assert os.listdir(foreign) == ["notes.txt"]
+    for flags in ((), ("--overwrite",)):  # --overwrite replaces only the tool's own output
+        assert _run(tmp_path / "src", foreign, *flags) == 2
+        assert "is not empty and was not made by tools/prepare_webperson.py" in capsys.readouterr().err
+        assert os.listdir(foreign) == ["notes.txt"]
 
     out = tmp_path / "out"
     assert _run(tmp_path / "src", out, "--workers", "1") == 0
