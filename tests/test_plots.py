@@ -140,7 +140,7 @@ def test_sci_formatter_uses_the_fewest_digits_that_keep_ticks_apart():
 
 
 def test_several_runs_overlaid_or_in_columns(tmp_path):
-    short = [r for r in RECORDS if r["epoch"] < 2]
+    short = [{**r, "lr": 2 * r["lr"]} if r["type"] == "train" else r for r in RECORDS if r["epoch"] < 2]
     pretrain = plot_curves.collect_curves(short, "pretrain")
     finetune = plot_curves.collect_curves(RECORDS + [_train(4, 37.0, 26.5, 8.2, 5e-4, id_loss=2.5)], "finetune")
     overlay = curves_figure([pretrain, finetune])
@@ -161,8 +161,11 @@ def test_several_runs_overlaid_or_in_columns(tmp_path):
     assert lines_of(grid[1, 0]) == {}  # pretraining has no id_loss: an empty panel says so
     assert any(t.get_text() == "no id_loss records" for t in grid[1, 0].texts)
     # R1 and lr rows share one y axis (comparable across runs); each loss panel fits its own run.
-    assert grid[4, 0].get_ylim() == grid[4, 1].get_ylim() and grid[4, 0].get_ylim()[0] == 0
-    assert grid[6, 0].get_ylim() == grid[6, 1].get_ylim()
+    for row in (4, 5, 6):
+        assert grid[row, 0].get_shared_y_axes().joined(grid[row, 0], grid[row, 1])
+        assert grid[row, 0].get_ylim() == grid[row, 1].get_ylim() and grid[row, 0].get_ylim()[0] == 0
+    assert grid[6, 0].get_ylim()[1] >= 2e-3  # the pretraining run's larger lr sets the row's top
+    assert not grid[3, 0].get_shared_y_axes().joined(grid[3, 0], grid[3, 1])
     assert grid[3, 0].get_ylim() != grid[3, 1].get_ylim()
 
     assert plot_curves.run_names(["runs/a/finetune", "runs/b/finetune", "runs/pre"]) == [
