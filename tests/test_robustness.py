@@ -211,6 +211,9 @@ def test_bad_arguments_are_clear_errors_before_any_work(checkpoints, synthetic_r
 
     assert robustness.main([*argv, "--checkpoint", str(tmp_path / "absent.pth")]) == 2
     assert capsys.readouterr().err.startswith(f"error: --checkpoint {tmp_path / 'absent.pth'}: no such file")
+    (tmp_path / "words.json").write_text('{"swap_classes": {}}')
+    assert robustness.main([*argv, "--words", str(tmp_path / "words.json")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --words: {tmp_path / 'words.json'}: missing keys")
     assert not (tmp_path / "out").exists()
 
     # A chart in --out that the tool did not make is never replaced.

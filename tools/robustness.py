@@ -262,11 +262,12 @@ def draw_chart(curves: Mapping[str, Mapping[str, Mapping[float, float]]], kinds:
     return buffer.getvalue()
 
 
-def _check_outputs(out: Path, splits: Mapping[str, EvalSplit], split: str, fmt: str) -> list[Path]:
+def _check_outputs(out: Path, datasets: Sequence[str], split: str, fmt: str) -> dict[str, Path]:
+    """The chart path of each dataset, once `out` is known to be writable and to hold no chart of someone else's."""
     check_output_path(out, "--out", folder=True)
     check_output_path(out / "metrics.jsonl", "--out")
-    charts = [chart_path(out, name, split, fmt) for name in splits]
-    for path in charts:
+    charts = {name: chart_path(out, name, split, fmt) for name in datasets}
+    for path in charts.values():
         check_output_path(path, "--out")
         if path.exists() and not (out / MARKER).is_file():
             raise ToolError(f"--out {out} holds {path.name}, which this tool did not make (no {MARKER} there); "
@@ -295,8 +296,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(cfg.output_dir) / "robustness"
     setup_logging(None, console_level=logging.INFO)
     apply_threads(cfg.num_threads, data_workers=cfg.data.num_workers)
+    charts = _check_outputs(out, list(cfg.eval.datasets), args.split, args.format)
     splits = eval_splits(cfg, args.split)
-    charts = _check_outputs(out, splits, args.split, args.format)
 
     start = time.time()
     queries = noisy_queries(splits, args.kinds, args.rates, args.seed, vocabulary)
@@ -333,11 +334,11 @@ def run(args: argparse.Namespace) -> int:
                 per_kind = curves[row["dataset"]].setdefault(label, {k: {} for k in args.kinds})
                 for kind in args.kinds if row["noise"] == CLEAN else [row["noise"]]:
                     per_kind[kind][row["rate"]] = row["R1"]
-    for (name, per_model), path in zip(curves.items(), charts):
+    for name, per_model in curves.items():
         data = draw_chart(per_model, args.kinds, f"{name} {args.split}: R1 under query noise (seed {args.seed})",
                           args.format)
-        atomic_write(path, lambda f, data=data: f.write(data))
-        print(f"chart: {path}")
+        atomic_write(charts[name], lambda f, data=data: f.write(data))
+        print(f"chart: {charts[name]}")
     print(f"records appended to {out / 'metrics.jsonl'}")
     return 0
 
