@@ -2,7 +2,7 @@
 """Training samples per second per DataLoader worker (one core each), from three WebPerson sources.
 
     python bench/data_throughput.py [--images 256] [--rounds 3] [--batch 32] [--workers 1 2]
-                                    [--baseline DIR] [--profile SOURCE]
+                                    [--baseline DIR] [--jpeg-draft] [--profile SOURCE]
 
 Writes ~600x1000 "web" JPEGs with two captions each (smooth colour fields plus
 sensor-like noise, ~60 KiB at quality 85) into a temporary folder as
@@ -24,7 +24,9 @@ score cache, 77-token captions), and reports:
 Variants run interleaved round by round; figures are the median over rounds
 with the min-max spread. ``--baseline DIR`` runs every variant also with the
 code of another checkout (e.g. ``git archive HEAD~3 | tar -x -C DIR``), in the
-same rounds, and prints the per-core speed-up. ``--profile SOURCE`` instead
+same rounds, and prints its per-core rate relative to the current code;
+``--jpeg-draft`` adds the opt-in reduced-scale JPEG decoding (``data.jpeg_draft``)
+as a variant the same way. ``--profile SOURCE`` instead
 runs cProfile over the per-sample path in one process (``dataset[i]`` and the
 collate function of each batch, as a worker does) and prints the top entries.
 """
@@ -127,7 +129,7 @@ def write_sources(folder: str, num_images: int) -> dict[str, int]:
 # --------------------------------------------------------------------------- children
 
 
-def build_loader(code: str, source_root: str, workers: int, batch: int, run_dir: str):
+def build_loader(code: str, source_root: str, workers: int, batch: int, run_dir: str, draft: bool = False):
     """The pretraining loader of one source, built as training builds it."""
     from datasets.build import build_train_loader
     from datasets.score_cache import ScoreCache
@@ -137,6 +139,9 @@ def build_loader(code: str, source_root: str, workers: int, batch: int, run_dir:
 
     cfg = load_config(os.path.join(code, "configs", "pretrain", "webperson_1m.yaml"),
                       [f"data.batch_size={batch}", f"data.num_workers={workers}", "model.clip.pretrained="])
+    if draft:
+        # Reduced-scale JPEG decoding is opt-in and not (yet) a key of configs/base.yaml.
+        cfg.data["jpeg_draft"] = True
     index = WebPerson(os.path.dirname(source_root), cache=False).train
     scores = ScoreCache(run_dir, len(index), cfg.data.text_length, init_value=cfg.gass.init_score)
     # Informative-mask probabilities depend on the scores: give them some spread, as after a few steps.
@@ -150,12 +155,12 @@ def build_loader(code: str, source_root: str, workers: int, batch: int, run_dir:
     return loader
 
 
-def child_measure(code: str, source_root: str, workers: int, batch: int) -> dict:
+def child_measure(code: str, source_root: str, workers: int, batch: int, draft: bool) -> dict:
     import torch
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="throughput-run-") as run_dir:
-        loader = build_loader(code, source_root, workers, batch, run_dir)
+        loader = build_loader(code, source_root, workers, batch, run_dir, draft)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         samples = sum(int(b["pids"].shape[0]) for b in loader)  # the iterator joins its workers at the end
@@ -202,7 +207,7 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):7.0f} ({min(values):.0f}-{max(values):.0f})"
 
 
-def report(results: dict, codes: dict[str, str], workers: list[int]) -> None:
+def report(results: dict, codes: dict[str, tuple[str, bool]], workers: list[int]) -> None:
     print(f"\n{'source':<30}{'code':<9}{'workers':>8}{'per core /s (min-max)':>24}{'wall /s (min-max)':>22}"
           f"{'cores for 2500/s':>18}")
     for source in SOURCES:
@@ -213,14 +218,15 @@ def report(results: dict, codes: dict[str, str], workers: list[int]) -> None:
                 wall = [r["samples"] / r["wall_s"] for r in runs]
                 cores = TARGET_PER_GPU / statistics.median(per_core)
                 print(f"{LABELS[source]:<30}{name:<9}{w:>8}{spread(per_core):>24}{spread(wall):>22}{cores:>18.1f}")
-    if "baseline" not in codes:
-        return
-    print("\nper-core speed-up over the baseline (median of per-round ratios, all worker counts):")
-    for source in SOURCES:
-        ratios = [c["samples"] / c["worker_cpu_s"] / (b["samples"] / b["worker_cpu_s"])
-                  for w in workers for b, c in zip(results[(source, "baseline", w)], results[(source, "current", w)],
-                                                   strict=True)]
-        print(f"  {LABELS[source]:<30}{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+    for name in codes:
+        if name == "current":
+            continue
+        print(f"\nper-core rate of {name} / current (median of per-round ratios, all worker counts):")
+        for source in SOURCES:
+            ratios = [c["samples"] / c["worker_cpu_s"] / (b["samples"] / b["worker_cpu_s"])
+                      for w in workers for b, c in zip(results[(source, "current", w)], results[(source, name, w)],
+                                                       strict=True)]
+            print(f"  {LABELS[source]:<30}{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--baseline", default=None, help="another checkout to measure in the same rounds")
+    parser.add_argument("--jpeg-draft", action="store_true", help="also measure data.jpeg_draft (opt-in)")
     parser.add_argument("--profile", choices=SOURCES, default=None, help="cProfile the per-sample path instead")
     parser.add_argument("--top", type=int, default=25, help="profile entries shown")
     parser.add_argument("--workdir", default=None, help="where to write the data (default: a temp dir, removed)")
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         code, mode, root, *rest = args.child
         sys.path.insert(0, code)
         if mode == "measure":
-            print(json.dumps(child_measure(code, root, int(rest[0]), int(rest[1]))))
+            print(json.dumps(child_measure(code, root, int(rest[0]), int(rest[1]), rest[2] == "1")))
         else:
             child_profile(code, root, int(rest[0]), int(rest[1]))
         return 0
@@ -256,17 +263,19 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([sys.executable, os.path.abspath(__file__), "--child", REPO, "profile",
                             roots[args.profile], str(args.batch), str(args.top)], check=True, env=env, cwd=REPO)
             return 0
-        codes = {"current": REPO}
+        codes = {"current": (REPO, False)}
+        if args.jpeg_draft:
+            codes["draft"] = (REPO, True)
         if args.baseline:
-            codes["baseline"] = os.path.abspath(args.baseline)
+            codes["baseline"] = (os.path.abspath(args.baseline), False)
         print(f"{2 * args.images} samples per epoch, batch {args.batch}, {args.rounds} rounds; pretraining loader "
               f"(configs/pretrain/webperson_1m.yaml), one torch thread per worker")
         results: dict = {}
         for _ in range(args.rounds):
             for source in SOURCES:
                 for w in args.workers:
-                    for name, code in codes.items():
-                        r = run_child(code, "measure", roots[source], str(w), str(args.batch))
+                    for name, (code, draft) in codes.items():
+                        r = run_child(code, "measure", roots[source], str(w), str(args.batch), str(int(draft)))
                         results.setdefault((source, name, w), []).append(r)
         report(results, codes, args.workers)
     finally:

@@ -786,14 +786,23 @@ def read_tar_member(shard: str, member: str) -> bytes:
     return read_file_range(key, offset, size)
 
 
-def open_image(path: str) -> Image.Image:
+def open_image(path: str, draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Open an image (plain path or ``shard.tar::member``) as RGB.
+
+    Args:
+        path: the image.
+        draft_size: ``(height, width)``: decode a JPEG at the smallest 1/2, 1/4 or 1/8
+            scale that is still at least this size (PIL's draft mode; much less work
+            for a large image that is resized down anyway). The pixels then differ
+            slightly from a full decode followed by the same resize, so it is opt-in.
 
     Raises:
         ImageReadError: naming the path, if it is missing, unreadable or corrupt.
     """
     try:
         with Image.open(_image_source(path)) as img:
+            if draft_size is not None and img.format == "JPEG":
+                img.draft("RGB", (draft_size[1], draft_size[0]))
             return img.convert("RGB")
     except FileNotFoundError as e:
         raise ImageReadError(path, "file not found", missing=True) from e

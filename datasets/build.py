@@ -88,11 +88,13 @@ class TrainDataset(Dataset):
         seed: Base seed of the per-sample mask generators.
         skip_bad_images: Return None for an unreadable image (dropped by `collate_train`
             and counted) instead of raising.
+        draft_size: (height, width) to decode JPEGs at reduced scale for (`open_image`;
+            opt-in: pixels differ slightly from a full decode).
     """
 
     def __init__(self, index: TrainIndex, transform: Callable, tokenizer: Tokenizer, *,
                  text_length: int = 77, masking: MaskingSpec | None = None, score_cache: Any = None,
-                 seed: int = 0, skip_bad_images: bool = False) -> None:
+                 seed: int = 0, skip_bad_images: bool = False, draft_size: tuple[int, int] | None = None) -> None:
         self.index = index
         self.transform = transform
         self.tokenizer = tokenizer
@@ -103,6 +105,7 @@ class TrainDataset(Dataset):
         self.score_cache = score_cache
         self.seed = seed
         self.skip_bad_images = skip_bad_images
+        self.draft_size = draft_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -115,7 +118,7 @@ class TrainDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor] | None:
         pid, image_id, path, caption = self.index[i]
         try:
-            image = open_image(path)
+            image = open_image(path, self.draft_size)
         except ImageReadError:
             if self.skip_bad_images:
                 logger.warning("skipping unreadable image %s (sample %d)", path, i)
@@ -220,10 +223,13 @@ def build_train_loader(cfg: Any, index: TrainIndex, tokenizer: Tokenizer, *, sco
     `set_loader_epoch(loader, epoch)` before iterating each epoch.
     """
     spec = masking_spec_from_config(cfg)
-    transform = build_transforms(tuple(cfg.model.clip.image_size), is_train=True, aug=cfg.data.img_aug, uint8=True)
+    image_size = tuple(cfg.model.clip.image_size)
+    transform = build_transforms(image_size, is_train=True, aug=cfg.data.img_aug, uint8=True)
+    # data.jpeg_draft (opt-in, default off): reduced-scale JPEG decoding, see TrainDataset.
     dataset = TrainDataset(index, transform, tokenizer, text_length=cfg.data.text_length, masking=spec,
                            score_cache=score_cache if spec.needs_scores else None, seed=cfg.seed,
-                           skip_bad_images=cfg.data.skip_bad_images)
+                           skip_bad_images=cfg.data.skip_bad_images,
+                           draft_size=image_size if cfg.data.get("jpeg_draft", False) else None)
     if cfg.data.sampler == "identity":
         sampler: Any = IdentitySampler(index.pids, cfg.data.batch_size * world_size, cfg.data.num_instances,
                                        seed=cfg.seed, rank=rank, world_size=world_size)

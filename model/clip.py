@@ -145,6 +145,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _DOWNLOAD_TIMEOUT_S = 30.0
 # Keys of OpenAI's TorchScript archives that are attributes, not parameters.
 _NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
+# The image tower's non-persistent normalisation buffers: a TorchScript archive traced
+# from our model stores them, but they are constants, never weights.
+_BUFFER_KEYS = ("visual.pixel_mean", "visual.pixel_std")
 # OpenAI's learnable temperature: retrieval uses a fixed one, and the reference
 # backbones (IRRA, GA-DMS) have no such key.
 _UNUSED_KEYS = ("logit_scale",)
@@ -601,7 +604,7 @@ def backbone_state_dict(state: Mapping[str, Tensor], source: str = "state dict")
     state = dict(state)
     if "visual.conv1.weight" not in state and "base_model.visual.conv1.weight" in state:
         state = {k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}
-    for key in _NON_PARAMETER_KEYS:
+    for key in (*_NON_PARAMETER_KEYS, *_BUFFER_KEYS):
         state.pop(key, None)
     dropped = [key for key in _UNUSED_KEYS if state.pop(key, None) is not None]
     if dropped:

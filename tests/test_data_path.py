@@ -239,3 +239,18 @@ def test_train_transform_output_is_uint8_and_eval_stays_float():
     evaluation = build_transforms(SIZE, is_train=False)(image)
     assert evaluation.dtype == torch.float32
     torch.testing.assert_close(normalize_images(plain[None])[0], evaluation, rtol=0, atol=1e-6)
+
+
+def test_jpeg_draft_is_opt_in_and_keeps_at_least_the_target_size(tmp_path):
+    path = tmp_path / "big.jpg"
+    coarse = np.random.default_rng(0).integers(0, 256, (6, 4, 3), dtype=np.uint8)
+    Image.fromarray(coarse).resize((160, 320), Image.BICUBIC).save(path, "JPEG", quality=90)
+    full = open_image(str(path))
+    assert full.size == (160, 320)
+    np.testing.assert_array_equal(np.asarray(open_image(str(path), None)), np.asarray(full))
+    draft = open_image(str(path), draft_size=SIZE)
+    # The smallest power-of-two scale that still covers (32, 16): 1/8 gives (20, 40).
+    assert draft.size == (20, 40)
+    resize = T.Resize(SIZE)
+    a, b = (np.asarray(resize(x), dtype=np.float64) for x in (full, draft))
+    assert 0 < np.abs(a - b).mean() < 4  # close to, but not the pixels of, the full decode: hence opt-in
