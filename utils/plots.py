@@ -192,7 +192,8 @@ def _draw_lines(ax: Axes, panel: str, runs: Sequence[RunCurves]) -> int:
 def _set_y_axis(ax: Axes, panel: str, top: float | None) -> None:
     """Range and tick labels of a panel's y axis; `top` is the largest value it shows (None: no lines)."""
     if panel in RETRIEVAL_METRICS:
-        # From 0 to a little above the best value (at most 100%): a 2-point change looks its size.
+        # From 0, so a change is seen in proportion to the score (an axis from 24 turns noise into
+        # a climb), to a little above the best value, at most 100%.
         ax.set_ylim(0.0, min(100.0, max(1.1 * top, 1.0)) if top is not None else 100.0)
     elif panel == "lr":
         ax.set_ylim(bottom=0.0)
