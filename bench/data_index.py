@@ -161,6 +161,7 @@ def child_load(kind: str, path: str) -> dict:
     import numpy  # noqa: F401  (imported before the baseline so only the load is measured)
 
     import datasets  # noqa: F401
+    import model.tokenizer  # noqa: F401  (caption checks import it, and torch, lazily; training has both loaded)
 
     base = proc_status()["VmRSS"]
     start = time.perf_counter()
