@@ -42,7 +42,9 @@ def test_small_demo_runs_end_to_end_and_learns(tmp_path, capsys):
     for run in ("pretrain", "finetune"):
         log = (out / run / "train.log").read_text()
         assert "epoch 0 done" in log and "evaluated in" in log and "torch threads: " in log
-    assert "saved" in (out / "figures" / "figures.log").read_text()
+    figures_log = (out / "figures" / "figures.log").read_text()
+    assert "saved" in figures_log
+    assert f"checkpoint: {out / 'finetune' / 'best_CUHK-PEDES.pth'}" in figures_log  # the run's selected checkpoint
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"random init (chance)", "GA-DMS pretrained, direct transfer", "+ fine-tuned (IRRA recipe)"}
     for row in results.values():

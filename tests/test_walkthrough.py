@@ -55,7 +55,7 @@ def after_demo(tmp_path_factory) -> Path:
 
 def test_the_walkthrough_covers_what_a_newcomer_does_next():
     tools = [Path(split(c)[1][1]).stem for c in WALKTHROUGH]
-    for tool in ("check_data", "test", "search", "make_tables", "export"):
+    for tool in ("check_data", "test", "search", "make_tables", "plot_curves", "robustness", "export"):
         assert tool in tools, f"the README's '{SECTION}' section has no tools/{tool}.py command"
     for command in WALKTHROUGH:
         assert "/data" not in command.replace("data/synthetic", ""), f"not a path the demo writes: {command}"
@@ -77,6 +77,9 @@ def test_the_walkthrough_runs_verbatim_after_the_demo(after_demo):
         if tool == "check_data":
             assert "WebPerson" in result.stdout and "CUHK-PEDES" in result.stdout, result.stdout
     assert (after_demo / "runs" / "demo" / "search.png").stat().st_size > 1000
+    assert (after_demo / "runs" / "demo" / "curves.pdf").read_bytes().startswith(b"%PDF")
+    records = (after_demo / "runs" / "demo" / "finetune" / "robustness" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["noise"] for r in records] == ["none", "drop", "swap"]
     assert (after_demo / "runs" / "demo" / "release.pth").stat().st_size > 1000
 
 
