@@ -225,11 +225,10 @@ def build_train_loader(cfg: Any, index: TrainIndex, tokenizer: Tokenizer, *, sco
     spec = masking_spec_from_config(cfg)
     image_size = tuple(cfg.model.clip.image_size)
     transform = build_transforms(image_size, is_train=True, aug=cfg.data.img_aug, uint8=True)
-    # data.jpeg_draft (opt-in, default off): reduced-scale JPEG decoding, see TrainDataset.
     dataset = TrainDataset(index, transform, tokenizer, text_length=cfg.data.text_length, masking=spec,
                            score_cache=score_cache if spec.needs_scores else None, seed=cfg.seed,
                            skip_bad_images=cfg.data.skip_bad_images,
-                           draft_size=image_size if cfg.data.get("jpeg_draft", False) else None)
+                           draft_size=image_size if cfg.data.jpeg_draft else None)
     if cfg.data.sampler == "identity":
         sampler: Any = IdentitySampler(index.pids, cfg.data.batch_size * world_size, cfg.data.num_instances,
                                        seed=cfg.seed, rank=rank, world_size=world_size)
