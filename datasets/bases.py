@@ -768,6 +768,21 @@ def _image_source(path: str) -> Any:
     return io.BytesIO(read_tar_member(*tar)) if tar else path
 
 
+def read_image_bytes(path: str) -> bytes:
+    """The encoded bytes of an image path as the loaders resolve it: a file, ``shard.tar::member``,
+    or a member of a registered container (a Parquet row).
+
+    Raises:
+        FileNotFoundError: no such file or member.
+        OSError: the file or container cannot be read.
+    """
+    source = _image_source(path)
+    if isinstance(source, str):
+        with open(source, "rb") as f:
+            return f.read()
+    return source.getvalue()
+
+
 def read_tar_member(shard: str, member: str) -> bytes:
     """Bytes of one member of an uncompressed tar shard."""
     key = os.path.abspath(shard)

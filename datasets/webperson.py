@@ -1095,6 +1095,10 @@ def _files_with(folder: str, extensions: tuple[str, ...]) -> list[str]:
                   if n.lower().endswith(extensions) and os.path.isfile(os.path.join(folder, n)))
 
 
+#: Marks a folder of training shards written by tools/prepare_webperson.py (with its manifest.json).
+PREPARED_MARKER = ".gadms-prepared"
+
+
 def annotation_candidates(dataset_path: str) -> list[tuple[str, list[str]]]:
     """Every annotation the WebPerson folder holds, as (kind, files) in detection order.
 
@@ -1102,7 +1106,9 @@ def annotation_candidates(dataset_path: str) -> list[tuple[str, list[str]]]:
     `shards/`) are one, and so are the Parquet files (in the folder or its `data/`).
     Training needs exactly one (else `data.annotation` chooses); a checker can take each.
     """
-    jsons = _files_with(dataset_path, (".json", ".jsonl"))
+    # A folder written by tools/prepare_webperson.py holds shards plus its manifest.json, which is no annotation.
+    prepared = os.path.exists(os.path.join(dataset_path, PREPARED_MARKER))
+    jsons = [] if prepared else _files_with(dataset_path, (".json", ".jsonl"))
     tars = _files_with(dataset_path, (".tar",)) or _files_with(os.path.join(dataset_path, "shards"), (".tar",))
     parquets = (_files_with(dataset_path, (".parquet",))
                 or _files_with(os.path.join(dataset_path, "data"), (".parquet",)))

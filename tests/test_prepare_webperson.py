@@ -311,3 +311,31 @@ def test_train_pretrains_two_steps_on_prepared_shards(tmp_path):
     assert [(r["epoch"], r["step"], r["skipped_images"]) for r in records if r["type"] == "train"] == [(0, 2, 0)]
     # It read the shards: the loader cached their index beside them.
     assert [n for n in os.listdir(out) if n.endswith(".npz")] != []
+
+
+def test_check_data_verifies_a_prepared_folder_against_its_manifest(tmp_path, capsys):
+    """The prepared folder is a data root by itself (manifest.json is no annotation); check_data checks its shards."""
+    check_data = load_tool("check_data")
+    _write_source(tmp_path / "src", "json")
+    out = tmp_path / "out"
+    assert _run(tmp_path / "src", out) == 0
+    capsys.readouterr()
+    assert build_dataset("WebPerson", str(out)).train.fmt == "tar"
+    assert check_data.main(["--root", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"prepared shards: {NUM} images, 4 shards" in printed and "OK: WebPerson" in printed, printed
+
+    shard = out / "webperson-000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF  # inside the first member's bytes: the tar still reads, the checksum differs
+    shard.write_bytes(bytes(data))
+    (out / "webperson-000009.tar").write_bytes((out / "webperson-000000.tar").read_bytes())
+    assert check_data.main(["--root", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{shard}: sha256 differs from manifest.json" in err, err
+    assert f"{out / 'webperson-000009.tar'}: not listed in manifest.json" in err, err
+
+    (out / "webperson-000009.tar").unlink()
+    os.remove(out / "manifest.json")
+    assert check_data.main(["--root", str(out)]) == 1
+    assert "unfinished preparation" in capsys.readouterr().err

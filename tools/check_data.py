@@ -19,6 +19,8 @@ list of problems otherwise.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import multiprocessing
 import os
 import random
@@ -28,7 +30,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets import DATASETS, AnnotationError, ImageReadError, TextReIDDataset, verify_image  # noqa: E402
-from datasets.webperson import WebPerson, annotation_candidates, find_webperson_dir, parquet_summary  # noqa: E402
+from datasets.webperson import (  # noqa: E402
+    PREPARED_MARKER,
+    WebPerson,
+    annotation_candidates,
+    find_webperson_dir,
+    parquet_summary,
+)
 from tools.common import ToolError, run_tool  # noqa: E402
 
 MAX_LISTED = 20
@@ -60,6 +68,8 @@ def detect_datasets(root: str) -> list[str]:
     if not found:
         base = os.path.basename(os.path.normpath(root))
         found = [name for name, cls in sorted(DATASETS.items()) if cls.dataset_dir == base]
+        if not found and os.path.exists(os.path.join(root, PREPARED_MARKER)):
+            found = ["WebPerson"]  # a folder of prepared shards is a WebPerson data root by itself
     return found
 
 
@@ -142,8 +152,12 @@ def check_dataset(name: str, args: argparse.Namespace, annotation: str | None = 
     if dataset.annotation_path is not None:
         print(f"{name}: annotation {dataset.annotation_path}")
         label = f"{name} ({os.path.basename(dataset.annotation_path)})"
+    prepared_problems: list[str] = []
     if isinstance(dataset, WebPerson):
         describe_webperson(dataset)
+        shard_folder = os.path.dirname(dataset.sources[0])
+        if dataset.format == "tar" and os.path.exists(os.path.join(shard_folder, PREPARED_MARKER)):
+            prepared_problems = check_prepared(shard_folder)
     print(dataset.show_statistics().split("\n", 1)[1])
     for warning in dataset.warnings:
         print(f"warning: {warning}")
@@ -152,6 +166,7 @@ def check_dataset(name: str, args: argparse.Namespace, annotation: str | None = 
         problems.append(f"... and {dataset.num_skipped - len(dataset.skipped)} more bad records")
     if problems:
         problems.insert(0, f"{dataset.num_skipped} bad annotation record(s):")
+    problems = prepared_problems + problems
 
     paths, total = image_paths(dataset, args.sample, args.seed)
     print(f"checking {len(paths)} of {total} images with {args.workers} worker(s)...", flush=True)
@@ -169,6 +184,47 @@ def check_dataset(name: str, args: argparse.Namespace, annotation: str | None = 
     print(f"{label}: {len(paths)} images checked in {time.time() - start:.1f}s, "
           f"{'OK' if not problems else 'PROBLEMS FOUND'}", flush=True)
     return problems, dataset.warnings
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_prepared(folder: str) -> list[str]:
+    """Problems of a folder written by tools/prepare_webperson.py: shards against its manifest.
+
+    Prints the manifest's counts. An unfinished preparation (the marker without a
+    manifest), a shard missing or whose sha256 differs, and a shard the manifest does not
+    list are problems.
+    """
+    manifest_path = os.path.join(folder, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        return [f"{folder}: unfinished preparation ({PREPARED_MARKER} but no manifest.json): rerun "
+                "tools/prepare_webperson.py with the same flags to finish it"]
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        shards, counts = manifest["shards"], manifest["counts"]
+        listed = {entry["name"]: entry["sha256"] for entry in shards}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return [f"{manifest_path}: not a readable manifest ({err})"]
+    print(f"WebPerson: prepared shards: {counts.get('images')} images, {len(listed)} shards "
+          f"({counts.get('skipped_images', 0)} images and {counts.get('skipped_records', 0)} records skipped "
+          "when preparing); checking their sha256 ...", flush=True)
+    problems = []
+    for name, expected in listed.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            problems.append(f"{path}: listed in manifest.json but missing")
+        elif file_sha256(path) != expected:
+            problems.append(f"{path}: sha256 differs from manifest.json (changed or damaged after preparation)")
+    problems += [f"{os.path.join(folder, name)}: not listed in manifest.json"
+                 for name in sorted(os.listdir(folder)) if name.endswith(".tar") and name not in listed]
+    return problems
 
 
 def describe_webperson(dataset: WebPerson) -> None:

@@ -50,15 +50,16 @@ import PIL  # noqa: E402
 from PIL import Image, UnidentifiedImageError, features  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from datasets.bases import AnnotationError, ImageReadError, _image_source  # noqa: E402
+from datasets.bases import AnnotationError, ImageReadError  # noqa: E402
+from datasets.bases import read_image_bytes as read_source_bytes  # noqa: E402
 from datasets.synthetic import OutputExistsError, check_claimable, claim_folder  # noqa: E402
-from datasets.webperson import CAPTION_KEYS, WebPerson, WebPersonIndex  # noqa: E402
+from datasets.webperson import CAPTION_KEYS, PREPARED_MARKER, WebPerson, WebPersonIndex  # noqa: E402
 from tools.common import ToolError, run_tool  # noqa: E402
 from utils.threads import available_cores, cgroup_cpu_quota  # noqa: E402
 
 TOOL = "tools/prepare_webperson.py"
 #: Marks a folder as this tool's output (JSON: the plan it was made for).
-MARKER = ".gadms-prepared"
+MARKER = PREPARED_MARKER
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
 #: Per-shard records (sha256, counts, skipped images), each written once its shard is complete.
@@ -145,11 +146,7 @@ def target_size(width: int, height: int, size: tuple[int, int], fit: str) -> tup
 def read_image_bytes(path: str) -> bytes:
     """The encoded bytes of an image path as the loader resolves it (file, ``shard.tar::member``, Parquet row)."""
     try:
-        source = _image_source(path)
-        if isinstance(source, str):
-            with open(source, "rb") as f:
-                return f.read()
-        return source.getvalue()
+        return read_source_bytes(path)
     except FileNotFoundError as e:
         raise BadImage("file not found") from e
     except AnnotationError as e:
