@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from datasets import build_dataset
 from datasets.bases import EvalSplit, ImageReadError, TrainIndex, open_image
 from datasets.masking import informative_mask, noise_mask, random_mask
 from datasets.sampler import DistributedRandomSampler, IdentitySampler
@@ -32,11 +33,13 @@ from model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MaskingSpec", "TrainDataset", "ImageDataset", "TextDataset", "collate_train",
+__all__ = ["MaskingSpec", "TrainDataset", "ImageDataset", "TextDataset", "collate_train", "build_train_dataset",
            "build_train_loader", "build_eval_loaders", "masking_spec_from_config", "set_loader_epoch"]
 
 MLM_MODES = ("informative", "random", "none")
 SAMPLERS = ("random", "identity")
+#: `data.<key>` settings that only some training corpora take, forwarded to their class when not empty.
+CORPUS_DATA_KEYS: dict[str, tuple[str, ...]] = {"WebPerson": ("annotation", "cache_dir")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +216,22 @@ class TextDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
         return int(self.pids[i]), self.tokenizer.tokenize(self.captions[i], self.text_length)[0]
+
+
+def build_train_dataset(cfg: Any) -> TrainIndex:
+    """The training index of the corpus `data.name` under `data.root`.
+
+    Every corpus gets `data.skip_bad_records`; WebPerson also its annotation
+    source (`data.annotation`, "" = auto-detect) and index cache folder
+    (`data.cache_dir`), as `CORPUS_DATA_KEYS` lists.
+
+    Raises:
+        ConfigError: `data.name` names no registered corpus.
+    """
+    data = cfg.data
+    kwargs: dict[str, Any] = {"skip_bad_records": data.skip_bad_records}
+    kwargs.update({key: data[key] for key in CORPUS_DATA_KEYS.get(data.name, ()) if data[key]})
+    return build_dataset(data.name, data.root, key="data.name", **kwargs).train
 
 
 def build_train_loader(cfg: Any, index: TrainIndex, tokenizer: Tokenizer, *, score_cache: Any = None,

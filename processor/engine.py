@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from datasets import build_dataset, dataset_class
-from datasets.build import build_train_loader, set_loader_epoch
+from datasets.build import build_train_dataset, build_train_loader, set_loader_epoch
 from datasets.masking import FIRST_ORDINARY_ID, LAST_ORDINARY_ID
 from datasets.score_cache import ScoreCache
 from model import build_model
@@ -171,28 +171,19 @@ class Trainer:
         apply_threads(cfg.num_threads, data_workers=cfg.data.num_workers, local_ranks=comm.get_local_size())
 
         self.tokenizer = Tokenizer()
-        data = build_dataset(cfg.data.name, cfg.data.root, key="data.name", **self._dataset_kwargs(cfg))
-        self.train_index = data.train
-        self.num_classes = data.train.num_classes
+        self.train_index = build_train_dataset(cfg)
+        self.num_classes = self.train_index.num_classes
         self.score_cache = self._build_score_cache()
-        self.loader = build_train_loader(cfg, data.train, self.tokenizer, score_cache=self.score_cache,
+        self.loader = build_train_loader(cfg, self.train_index, self.tokenizer, score_cache=self.score_cache,
                                          rank=self.rank, world_size=self.world_size)
         if len(self.loader) == 0:
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size}: {cfg.data.name}'s {len(data.train)} training "
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size}: {cfg.data.name}'s {len(self.train_index)} training "
                               f"samples give no full batch of {cfg.data.batch_size} x {self.world_size} process(es); "
                               "lower data.batch_size")
 
         model = self.task.build_model(cfg, self.num_classes).to(self.device)
-        self.optimizer = build_optimizer(
-            model, name=cfg.solver.optimizer, lr=cfg.solver.lr, weight_decay=cfg.solver.weight_decay,
-            momentum=cfg.solver.momentum, betas=tuple(cfg.solver.betas), eps=cfg.solver.eps,
-            bias_lr_factor=cfg.solver.bias_lr_factor, weight_decay_bias=cfg.solver.weight_decay_bias,
-            lr_factor=cfg.solver.lr_factor)
-        self.scheduler = build_lr_scheduler(
-            self.optimizer, mode=cfg.solver.scheduler, warmup_method=cfg.solver.warmup_method,
-            warmup_epochs=cfg.solver.warmup_epochs, warmup_factor=cfg.solver.warmup_factor,
-            milestones=tuple(cfg.solver.milestones), gamma=cfg.solver.gamma, target_lr=cfg.solver.target_lr,
-            power=cfg.solver.power, total_epochs=cfg.solver.epochs)
+        self.optimizer = build_optimizer(cfg, model)
+        self.scheduler = build_lr_scheduler(cfg, self.optimizer)
         use_scaler = self.device.type == "cuda" and cfg.precision == "fp16"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.model = model
@@ -245,15 +236,6 @@ class Trainer:
         if error is not None:
             raise RunDirBusyError(error)
         return lock
-
-    @staticmethod
-    def _dataset_kwargs(cfg: Config) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"skip_bad_records": cfg.data.skip_bad_records}
-        if cfg.data.name == "WebPerson" and cfg.data.annotation:
-            kwargs["annotation"] = cfg.data.annotation
-        if cfg.data.name == "WebPerson":
-            kwargs["cache_dir"] = cfg.data.cache_dir
-        return kwargs
 
     def _build_score_cache(self) -> ScoreCache | None:
         cfg = self.cfg

@@ -155,6 +155,26 @@ class LRSchedulerWithWarmup(LRScheduler):
         return self.get_lr()
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, **kwargs: Any) -> LRSchedulerWithWarmup:
-    """``LRSchedulerWithWarmup(optimizer, **kwargs)``; see the class for the arguments."""
-    return LRSchedulerWithWarmup(optimizer, **kwargs)
+def build_lr_scheduler(cfg: Any, optimizer: torch.optim.Optimizer) -> LRSchedulerWithWarmup:
+    """The epoch schedule the config's ``solver`` node describes, over ``optimizer``'s current lrs.
+
+    Reads ``solver.scheduler`` (the mode), ``warmup_method``, ``warmup_epochs``,
+    ``warmup_factor``, ``milestones``, ``gamma``, ``target_lr``, ``power`` and
+    ``epochs`` (the decay ends there); see :class:`LRSchedulerWithWarmup`.
+
+    Raises:
+        ConfigError: ``solver.scheduler`` names no schedule mode.
+    """
+    solver = cfg.solver
+    return LRSchedulerWithWarmup(
+        optimizer,
+        mode=solver.scheduler,
+        warmup_method=solver.warmup_method,
+        warmup_epochs=solver.warmup_epochs,
+        warmup_factor=solver.warmup_factor,
+        milestones=tuple(solver.milestones),
+        gamma=solver.gamma,
+        target_lr=solver.target_lr,
+        power=solver.power,
+        total_epochs=solver.epochs,
+    )

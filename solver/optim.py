@@ -41,6 +41,7 @@ __all__ = [
     "OPTIMIZERS",
     "build_optimizer",
     "build_param_groups",
+    "create_optimizer",
     "optimizer_class",
 ]
 
@@ -148,7 +149,7 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     return OPTIMIZERS[name]
 
 
-def build_optimizer(
+def create_optimizer(
     model: nn.Module,
     *,
     name: str = "Adam",
@@ -185,3 +186,28 @@ def build_optimizer(
     if optimizer is torch.optim.SGD:
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     return optimizer(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps)
+
+
+def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimiser the config's ``solver`` node describes, over ``model``'s trainable parameters.
+
+    Reads ``solver.optimizer``, ``lr``, ``weight_decay``, ``momentum``, ``betas``,
+    ``eps``, ``bias_lr_factor``, ``weight_decay_bias`` and ``lr_factor``; see
+    :func:`create_optimizer` for what each does.
+
+    Raises:
+        ConfigError: ``solver.optimizer`` names no registered optimiser.
+    """
+    solver = cfg.solver
+    return create_optimizer(
+        model,
+        name=solver.optimizer,
+        lr=solver.lr,
+        weight_decay=solver.weight_decay,
+        momentum=solver.momentum,
+        betas=tuple(solver.betas),
+        eps=solver.eps,
+        bias_lr_factor=solver.bias_lr_factor,
+        weight_decay_bias=solver.weight_decay_bias,
+        lr_factor=solver.lr_factor,
+    )

@@ -1,4 +1,5 @@
-"""solver: param-group lrs / weight decays, grouped == per-parameter optimisers, IRRA schedules."""
+"""solver: param-group lrs / weight decays, grouped == per-parameter optimisers, IRRA schedules,
+and the config builders (every `solver` key reaches the optimiser / schedule)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 from torch import nn
 
 from solver.lr_scheduler import LRSchedulerWithWarmup, build_lr_scheduler
-from solver.optim import OPTIMIZERS, build_optimizer, build_param_groups
-from utils.config import ConfigError
+from solver.optim import OPTIMIZERS, build_optimizer, build_param_groups, create_optimizer
+from utils.config import ConfigError, load_config
 
 LR, WD, BIAS_FACTOR, WD_BIAS, NEW_FACTOR = 1e-5, 4e-5, 2.0, 0.0, 5.0
 
@@ -140,7 +141,7 @@ def test_grouped_optimizer_equals_per_parameter_groups(name):
     model = FakeRetrievalModel()
     reference_model = copy.deepcopy(model)
     kwargs = dict(lr=1e-2, weight_decay=0.1, bias_lr_factor=2.0, weight_decay_bias=0.01, lr_factor=5.0)
-    grouped = build_optimizer(model, name=name, **kwargs)
+    grouped = create_optimizer(model, name=name, **kwargs)
     # One group per parameter, with the lr / wd IRRA-style code would give it.
     singles = [
         {"params": [p], "param_names": [n], "lr": g["lr"], "weight_decay": g["weight_decay"]}
@@ -162,18 +163,18 @@ def test_grouped_optimizer_equals_per_parameter_groups(name):
     assert not torch.equal(model.cross_attn.in_proj_weight, FakeRetrievalModel().cross_attn.in_proj_weight)
 
 
-def test_build_optimizer_hyper_parameters_and_errors():
+def test_create_optimizer_hyper_parameters_and_errors():
     model = FakeRetrievalModel()
-    adam = build_optimizer(model, name="Adam", lr=1e-4, weight_decay=4e-5, betas=(0.8, 0.9), eps=1e-3)
+    adam = create_optimizer(model, name="Adam", lr=1e-4, weight_decay=4e-5, betas=(0.8, 0.9), eps=1e-3)
     assert isinstance(adam, torch.optim.Adam)
     assert adam.defaults["betas"] == (0.8, 0.9) and adam.defaults["eps"] == 1e-3
-    sgd = build_optimizer(model, name="SGD", lr=1e-4, weight_decay=4e-5, momentum=0.5)
+    sgd = create_optimizer(model, name="SGD", lr=1e-4, weight_decay=4e-5, momentum=0.5)
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.5
-    assert isinstance(build_optimizer(model, name="AdamW", lr=1e-4, weight_decay=0.0), torch.optim.AdamW)
+    assert isinstance(create_optimizer(model, name="AdamW", lr=1e-4, weight_decay=0.0), torch.optim.AdamW)
     # A user's config named it: the one-line error of the tools, naming the key.
     with pytest.raises(ConfigError, match=r"solver.optimizer: unknown optimizer 'adam'; valid names: "
                                           r"\['Adam', 'AdamW', 'SGD'\]"):
-        build_optimizer(model, name="adam", lr=1e-4, weight_decay=0.0)
+        create_optimizer(model, name="adam", lr=1e-4, weight_decay=0.0)
 
 
 # ---------------------------------------------------------------- schedules
@@ -239,8 +240,7 @@ def test_schedule_spot_values_and_no_warmup():
 def test_resume_from_state_dict_equals_uninterrupted():
     config = dict(mode="cosine", warmup_epochs=3, total_epochs=20)
     optimizer = two_group_optimizer()
-    scheduler = build_lr_scheduler(optimizer, **config)
-    assert isinstance(scheduler, LRSchedulerWithWarmup)
+    scheduler = LRSchedulerWithWarmup(optimizer, **config)
     for _ in range(7):
         optimizer.step()
         scheduler.step()
@@ -252,7 +252,7 @@ def test_resume_from_state_dict_equals_uninterrupted():
         uninterrupted.append([g["lr"] for g in optimizer.param_groups])
 
     resumed_opt = two_group_optimizer()
-    resumed = build_lr_scheduler(resumed_opt, **config)
+    resumed = LRSchedulerWithWarmup(resumed_opt, **config)
     resumed_opt.load_state_dict(opt_state)
     resumed.load_state_dict(sched_state)
     assert resumed.last_epoch == 7
@@ -285,3 +285,64 @@ def test_step_mode_uses_bisect_right_on_milestones():
     expected_after_warmup = [0.5 ** bisect_right([6, 8], e) for e in range(2, 10)]
     assert seen == pytest.approx([0.1, 0.55] + expected_after_warmup)
     assert expected_after_warmup == [1, 1, 1, 1, 0.5, 0.5, 0.25, 0.25]
+
+
+# ---------------------------------------------------------------- builders
+
+# A value for every key the builders read, none of them a default of the config or of the
+# keyword-argument functions: a key the builder forgot would leave a default and show.
+OPTIMIZER_KEYS = {"lr": 3e-4, "weight_decay": 1e-3, "momentum": 0.7, "betas": (0.85, 0.95), "eps": 1e-6,
+                  "bias_lr_factor": 3.0, "weight_decay_bias": 2e-4, "lr_factor": 7.0}
+SCHEDULE_KEYS = {"warmup_method": "constant", "warmup_epochs": 3, "warmup_factor": 0.25, "milestones": (7, 11),
+                 "gamma": 0.3, "target_lr": 2e-6, "power": 0.6, "epochs": 15}
+
+
+def solver_config(name: str, values: dict) -> dict:
+    overrides = [f"solver.{key}={list(v) if isinstance(v, tuple) else v}" for key, v in values.items()]
+    return load_config(None, [f"solver.optimizer={name}", *overrides])
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
+def test_build_optimizer_reads_every_solver_key(name):
+    cfg = solver_config(name, OPTIMIZER_KEYS)
+    built = build_optimizer(cfg, FakeRetrievalModel())
+    assert type(built) is OPTIMIZERS[name]
+    values = dict(OPTIMIZER_KEYS)
+    lr, wd, bias_factor, wd_bias, new_factor = (values[k] for k in ("lr", "weight_decay", "bias_lr_factor",
+                                                                    "weight_decay_bias", "lr_factor"))
+    # The IRRA rule written out for these values (cf. EXPECTED): every group's (lr, wd) and its tensors.
+    expected = {"base_model.visual.conv1.weight": (lr, wd), "base_model.text_proj.bias": (lr * bias_factor, wd_bias),
+                "cross_attn.in_proj_weight": (lr * new_factor, wd), "classifier.bias": (lr * new_factor, wd_bias)}
+    settings = per_param_settings(built.param_groups)
+    for param, (want_lr, want_wd) in expected.items():
+        assert settings[param] == (pytest.approx(want_lr, rel=1e-12), want_wd), param
+    if name == "SGD":
+        assert built.defaults["momentum"] == values["momentum"]
+    else:
+        assert built.defaults["betas"] == values["betas"] and built.defaults["eps"] == values["eps"]
+    # The same optimiser as the keyword form given the values by hand.
+    by_hand = create_optimizer(FakeRetrievalModel(), name=name, **values)
+    assert built.defaults == by_hand.defaults
+    assert per_param_settings(built.param_groups) == per_param_settings(by_hand.param_groups)
+
+
+def test_build_optimizer_unknown_name_names_the_key():
+    cfg = load_config(None)
+    cfg.solver.optimizer = "Adamw"
+    with pytest.raises(ConfigError, match=r"solver.optimizer: unknown optimizer 'Adamw'"):
+        build_optimizer(cfg, FakeRetrievalModel())
+
+
+@pytest.mark.parametrize("mode", ["step", "exp", "poly", "cosine", "linear"])
+def test_build_lr_scheduler_reads_every_solver_key(mode):
+    cfg = solver_config("Adam", {"scheduler": mode, **SCHEDULE_KEYS})
+    optimizer = two_group_optimizer()
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    formula = dict(SCHEDULE_KEYS)
+    formula["total_epochs"] = formula.pop("epochs")
+    for epoch in range(formula["total_epochs"] + 2):
+        for group, base_lr in zip(optimizer.param_groups, (1e-5, 5e-5), strict=True):
+            expected = irra_lr(base_lr, epoch, mode=mode, **formula)
+            assert group["lr"] == pytest.approx(expected, rel=1e-12, abs=0.0), epoch
+        optimizer.step()
+        scheduler.step()
