@@ -273,11 +273,20 @@ def _sample_one(rng: random.Random) -> PersonAttributes:
     )
 
 
-def sample_identities(n: int, seed: int, min_distance: int = 2) -> list[PersonAttributes]:
+def sample_identities(n: int, seed: int, min_distance: int = 2, *, stream: str = "identities",
+                      exclude: Iterable[tuple[str | None, ...]] = ()) -> list[PersonAttributes]:
     """Draw ``n`` identities whose described attributes differ pairwise in >= ``min_distance`` fields.
 
     A distance of 2 keeps identities separable (one misread attribute never
     merges two people) while no single attribute identifies anyone.
+
+    Args:
+        n: how many identities.
+        seed: global seed.
+        min_distance: 1 (distinct keys) or 2.
+        stream: name of the random stream (another name, another population).
+        exclude: keys (:meth:`PersonAttributes.key`) of identities drawn elsewhere; every
+            identity drawn here is at least ``min_distance`` fields away from each of them.
 
     Raises:
         ValueError: bad arguments, or the attribute space ran out.
@@ -286,12 +295,12 @@ def sample_identities(n: int, seed: int, min_distance: int = 2) -> list[PersonAt
         raise ValueError(f"sample_identities: n must be >= 0, got {n}")
     if min_distance not in (1, 2):
         raise ValueError(f"sample_identities: min_distance must be 1 or 2, got {min_distance}")
-    rng = random.Random(_derive_seed(seed, "identities"))
+    rng = random.Random(_derive_seed(seed, stream))
     chosen: list[PersonAttributes] = []
     # Two keys are within distance 1 iff they agree after blanking one field,
     # so a set of all one-field-blanked keys makes the check O(#fields).
-    blanked: set[tuple[object, ...]] = set()
-    exact: set[tuple[object, ...]] = set()
+    exact: set[tuple[object, ...]] = {tuple(key) for key in exclude}
+    blanked: set[tuple[object, ...]] = {key[:i] + ("*",) + key[i + 1:] for key in exact for i in range(len(key))}
     attempts = 0
     max_attempts = 200 * n + 1000
     while len(chosen) < n:
@@ -1971,3 +1980,77 @@ def _readme(cfg: SyntheticConfig, counts: dict[str, Any]) -> str:
     for key, value in sorted(cfg.to_dict().items()):
         lines.append(f"  {key} = {value}")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- generic corpus
+
+#: Random stream of the generic corpus's identities: another population than the
+#: benchmark's and WebPerson's (``sample_identities``' default stream).
+GENERIC_STREAM = "generic-identities"
+#: Openers of web alt-text: words that come with every kind of image, so a contrastive
+#: model learns that they say nothing about the person (as OpenAI's CLIP saw them).
+_ALT_TEXT_OPENERS = ("", "", "a photo of ", "a picture of ", "an image of ", "a street photo of ",
+                     "a cropped photo of ", "a low-resolution photo of ")
+
+
+def generic_caption(attrs: PersonAttributes, rng: random.Random) -> str:
+    """One clean caption of the generic corpus: a benchmark-style sentence or web alt-text.
+
+    Half the captions use :data:`TEMPLATES`; the other half are alt-text that names
+    the person and a random subset of what they wear (``"a photo of a woman in a red
+    coat and a black handbag"``, ``"grey trousers, white sneakers"``). Every word is
+    true of the image.
+    """
+    if rng.random() < 0.5:
+        return describe(attrs, random.Random(rng.getrandbits(64)))[0]
+    v = _Verbaliser(attrs, random.Random(rng.getrandbits(64)))
+    items = [x for x in (v.top(), v.bottom(), v.shoes(), v.bag()) if x]
+    chosen = rng.sample(items, rng.randint(1, len(items)))
+    if rng.random() < 0.3:
+        chosen.append(f"with {v.hair()}")
+    if rng.random() < 0.25:
+        return _fix_articles(", ".join(c.removeprefix("a ").removeprefix("an ") for c in chosen))
+    opener = rng.choice(_ALT_TEXT_OPENERS)
+    return _fix_articles(f"{opener}{v.subject()} in {_join(chosen, oxford=False)}")
+
+
+def _render_array(job: tuple[dict[str, Any], int, tuple[int, int]]) -> np.ndarray:
+    """Worker: one rendered image as uint8 [H, W, 3] (module level so it pickles)."""
+    attrs_dict, seed, size = job
+    return np.asarray(render_person(PersonAttributes.from_dict(attrs_dict), random.Random(seed), size))
+
+
+def generic_corpus(
+    count: int,
+    seed: int,
+    *,
+    captions_per_image: int = 2,
+    image_size: tuple[int, int] = (128, 64),
+    exclude: Iterable[tuple[str | None, ...]] = (),
+    workers: int = 1,
+) -> tuple[list[PersonAttributes], np.ndarray, list[list[str]]]:
+    """A clean image-text corpus for pretraining a backbone, kept in memory.
+
+    One image per identity; identities come from their own random stream
+    (:data:`GENERIC_STREAM`) and differ in at least two described attributes from
+    each other and from every key in ``exclude`` (pass the benchmark's and WebPerson's
+    identities: the backbone then never sees anyone it is evaluated on). Captions are
+    :func:`generic_caption`: every word true, a broader wording than the benchmark's.
+
+    Returns:
+        (identities, images uint8 [count, H, W, 3], captions per image).
+    """
+    if count < 1 or captions_per_image < 1:
+        raise ValueError(f"generic_corpus: count and captions_per_image must be >= 1, got {count}, "
+                         f"{captions_per_image}")
+    people = sample_identities(count, seed, stream=GENERIC_STREAM, exclude=exclude)
+    jobs = [(p.to_dict(), _derive_seed(seed, "generic-image", i), tuple(image_size)) for i, p in enumerate(people)]
+    if workers <= 1 or count < 2:
+        images = [_render_array(job) for job in jobs]
+    else:
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        with ctx.Pool(processes=workers) as pool:
+            images = pool.map(_render_array, jobs, chunksize=max(1, min(64, count // (workers * 4))))
+    captions = [[generic_caption(p, random.Random(_derive_seed(seed, "generic-captions", i, k)))
+                 for k in range(captions_per_image)] for i, p in enumerate(people)]
+    return people, np.stack(images), captions

@@ -37,22 +37,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from datasets import build_dataset  # noqa: E402
-from datasets.bases import open_image  # noqa: E402
 from datasets.synthetic import SyntheticConfig, generate  # noqa: E402
-from datasets.transforms import build_transforms  # noqa: E402
 from model import build_model  # noqa: E402
-from model.gass import valid_token_mask  # noqa: E402
-from model.tokenizer import Tokenizer  # noqa: E402
 from model.weights import load_model_weights, read_checkpoint, unwrap_state_dict  # noqa: E402
 from processor.engine import Trainer  # noqa: E402
+from processor.noise_detection import NOISE_KINDS, noise_detection_auc, summarize_aucs  # noqa: E402
 from processor.pretrain import PretrainTask  # noqa: E402
 from tools.common import ToolError, one_line  # noqa: E402
-from tools.visualize_gass import CaptionSource, corrupted_positions, load_noise_report, match_noise_entries  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.config import Config, apply_overrides, load_config  # noqa: E402
 from utils.errors import UserInputError  # noqa: E402
@@ -64,8 +58,6 @@ logger = logging.getLogger(__name__)
 
 CONFIG = REPO / "configs" / "demo" / "tiny_pretrain.yaml"
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
-#: Corruption kinds of the synthetic generator's noise report.
-NOISE_KINDS = ("wrong_attr", "irrelevant")
 BENCHMARK = "CUHK-PEDES"
 #: Config keys that do not change a run's results: ignored when deciding whether a run is the one asked for.
 RESULT_NEUTRAL_KEYS = ("output_dir", "log_period", "num_threads", "device", "data.num_workers",
@@ -100,65 +92,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# --------------------------------------------------------------------------- noise detection
-
-
-def noise_auc(model: torch.nn.Module, cfg: Any, root: str, *, batch_size: int = 32,
-              device: torch.device | None = None) -> tuple[float, int]:
-    """Mean per-caption AUC of the model's token scores separating clean from corrupted words.
-
-    For every corrupted WebPerson training caption in `<root>/noise_report.json`
-    (scored with its own image, in batches as in training): the fraction of
-    (clean, corrupted) word-token pairs where the clean token scores higher,
-    ties counting half. Returns (mean AUC, number of captions used).
-    """
-    per_kind = noise_auc_by_kind(model, cfg, root, batch_size=batch_size, device=device)
-    aucs = [a for values in per_kind.values() for a in values]
-    return float(np.mean(aucs)), len(aucs)
-
-
-def noise_auc_by_kind(model: torch.nn.Module, cfg: Any, root: str, *, batch_size: int = 32,
-                      device: torch.device | None = None) -> dict[str, list[float]]:
-    """Per-caption AUCs (see `noise_auc`) grouped by the report's corruption kind."""
-    device = device or torch.device("cpu")
-    report = load_noise_report(root)
-    if report is None:
-        raise ToolError(f"{root} has no noise_report.json (made by tools/make_synthetic.py)")
-    data = build_dataset("WebPerson", root, annotation=cfg.data.annotation or "")
-    source = CaptionSource(data, "train")
-    noisy = match_noise_entries(report, "WebPerson", source)
-    if not noisy:
-        raise ToolError(f"no noisy WebPerson training caption of {root} is listed in its noise report")
-    tokenizer = Tokenizer()
-    transform = build_transforms(tuple(cfg.model.clip.image_size), is_train=False)
-    was_training = model.training
-    model.eval()
-    aucs: dict[str, list[float]] = {}
-    keys = list(noisy)
-    for start in range(0, len(keys), batch_size):
-        chunk = keys[start:start + batch_size]
-        rows = [source.get(i) for i in chunk]
-        images = torch.stack([transform(open_image(path)) for _, path, _ in rows]).to(device)
-        ids = tokenizer.tokenize([caption for caption, _, _ in rows], cfg.data.text_length).to(device)
-        with torch.no_grad():
-            feats = model.encode_image(images)
-        scores = model.token_scores(feats, ids).float().cpu()
-        valid = valid_token_mask(ids).cpu()
-        for row, key in enumerate(chunk):
-            entry = noisy[key]
-            bad = corrupted_positions(tokenizer, ids[row].tolist(), entry.get("clean"), entry.get("words", ()))
-            positions = torch.nonzero(valid[row]).flatten().tolist()
-            corrupt = [scores[row, p].item() for p in positions if p in bad]
-            clean = [scores[row, p].item() for p in positions if p not in bad]
-            if corrupt and clean:
-                c, k = np.asarray(clean)[:, None], np.asarray(corrupt)[None, :]
-                aucs.setdefault(str(entry.get("kind", "unknown")), []).append(float(((c > k) + 0.5 * (c == k)).mean()))
-    model.train(was_training)
-    if not aucs:
-        raise ToolError("no corrupted caption has both clean and corrupted word tokens")
-    return aucs
-
-
 # --------------------------------------------------------------------------- runs
 
 
@@ -173,12 +106,18 @@ def save_result(path: Path, result: dict[str, float]) -> None:
 
 
 def auc_fields(model: torch.nn.Module, cfg: Any, data: str, device: torch.device) -> dict[str, float]:
-    """noise_auc (all corrupted captions), noise_auc_<kind> per corruption kind, noise_captions."""
-    per_kind = noise_auc_by_kind(model, cfg, data, batch_size=cfg.data.batch_size, device=device)
-    every = [a for values in per_kind.values() for a in values]
-    fields: dict[str, float] = {"noise_auc": float(np.mean(every)), "noise_captions": len(every)}
+    """noise_auc (all corrupted captions), noise_auc_<kind> per corruption kind, noise_captions.
+
+    The model's own scoring (GASS, or CSS for that variant) of every corrupted WebPerson
+    caption with its image, in training-size batches (`processor.noise_detection`).
+    """
+    per_kind = noise_detection_auc(model, data, image_size=cfg.model.clip.image_size,
+                                   annotation=cfg.data.annotation or "", text_length=cfg.data.text_length,
+                                   batch_size=cfg.data.batch_size, device=device, scorers=("model",))["model"]
+    summary = summarize_aucs(per_kind)
+    fields: dict[str, float] = {"noise_auc": summary["all"], "noise_captions": int(summary["captions"])}
     for kind in NOISE_KINDS:
-        fields[f"noise_auc_{kind}"] = float(np.mean(per_kind[kind])) if per_kind.get(kind) else float("nan")
+        fields[f"noise_auc_{kind}"] = summary[kind]
     return fields
 
 

@@ -24,8 +24,6 @@ image is the first gallery image of the caption's identity.
 from __future__ import annotations
 
 import argparse
-import difflib
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -43,6 +41,16 @@ from datasets.bases import ImageReadError, open_image  # noqa: E402
 from datasets.masking import informative_mask, noise_mask  # noqa: E402
 from datasets.transforms import build_transforms  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
+from processor.noise_detection import (  # noqa: E402
+    NOISE_REPORT,
+    CaptionSource,
+    WordPiece,
+    corrupted_positions,
+    group_words,
+    load_noise_report,
+    match_noise_entries,
+    token_pieces,
+)
 from tools.common import ToolError, run_tool  # noqa: E402
 from tools.search import check_thumb_height, image_size_of, load_run_model, open_dataset  # noqa: E402
 from utils.output_paths import check_output_path  # noqa: E402
@@ -64,19 +72,15 @@ from utils.visualize import (  # noqa: E402
 )
 
 SELECTIONS = ("spread", "random", "noise_report")
-NOISE_REPORT = "noise_report.json"
 DARK_GREY = (70, 70, 70)
 #: Words after which the next word is drawn without a space ("t-shirt", "o'clock").
 JOINERS = ("-", "'", "/")
 
 
 @dataclass
-class TokenView:
+class TokenView(WordPiece):
     """One caption token as drawn."""
 
-    position: int
-    text: str
-    word_end: bool
     score: float = 0.0
     noise_masked: bool = False
     mlm_selected: bool = False
@@ -95,151 +99,7 @@ class CaptionView:
     noise: dict[str, Any] | None = None
 
 
-# --------------------------------------------------------------------------- tokens
-
-
-def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[TokenView]:
-    """The word pieces between SOT and EOT: decoded text and whether the piece ends a word."""
-    ids = [int(i) for i in ids]
-    eot = ids.index(tokenizer.eot_id) if tokenizer.eot_id in ids else len(ids)
-    out = []
-    for pos in range(1, eot):
-        token_id = ids[pos]
-        if token_id == tokenizer.mask_id:
-            out.append(TokenView(pos, "<|mask|>", True))
-            continue
-        piece = tokenizer.decoder[token_id]
-        end = piece.endswith("</w>")
-        raw = bytearray(tokenizer.byte_decoder[c] for c in (piece[:-4] if end else piece))
-        out.append(TokenView(pos, raw.decode("utf-8", errors="replace"), end))
-    return out
-
-
-def group_words(tokens: Sequence[TokenView]) -> list[list[int]]:
-    """Indices into `tokens` grouped into words (a word ends with a piece carrying `</w>`)."""
-    words: list[list[int]] = []
-    current: list[int] = []
-    for i, token in enumerate(tokens):
-        current.append(i)
-        if token.word_end:
-            words.append(current)
-            current = []
-    if current:
-        words.append(current)
-    return words
-
-
-def _word_strings(tokens: Sequence[TokenView]) -> list[str]:
-    return ["".join(tokens[i].text for i in word) for word in group_words(tokens)]
-
-
-def corrupted_positions(tokenizer: Tokenizer, ids: Sequence[int], clean: str | None,
-                        words: Sequence[str] = ()) -> set[int]:
-    """Token positions of words that are inserted or changed relative to the clean caption.
-
-    The noisy caption's words (as the tokenizer splits them) are aligned with
-    the clean caption's; replaced and inserted words are the corrupted ones.
-    Without a clean caption, words listed in `words` are marked.
-    """
-    tokens = token_pieces(tokenizer, ids)
-    groups = group_words(tokens)
-    noisy_words = _word_strings(tokens)
-    marked: set[int] = set()
-    if clean:
-        clean_ids = tokenizer.tokenize(clean, len(ids))[0].tolist()
-        clean_words = _word_strings(token_pieces(tokenizer, clean_ids))
-        matcher = difflib.SequenceMatcher(a=clean_words, b=noisy_words, autojunk=False)
-        for tag, _, _, j1, j2 in matcher.get_opcodes():
-            if tag in ("replace", "insert"):
-                for w in range(j1, j2):
-                    marked.update(tokens[i].position for i in groups[w])
-        return marked
-    wanted = {w.lower() for w in words}
-    for w, text in enumerate(noisy_words):
-        if text.lower() in wanted:
-            marked.update(tokens[i].position for i in groups[w])
-    return marked
-
-
 # --------------------------------------------------------------------------- captions
-
-
-class CaptionSource:
-    """Captions of a split with their pid and image (train: its own image; val/test: first image of the pid)."""
-
-    def __init__(self, data: Any, split: str) -> None:
-        self.split = split
-        if split == "train":
-            self.index = data.train
-            self.eval = None
-        else:
-            self.eval = getattr(data, split, None)
-            if self.eval is None:
-                raise ToolError(f"{data.name} has no {split} split")
-            self.first_image: dict[int, int] = {}
-            for j, pid in enumerate(np.asarray(self.eval.image_pids).tolist()):
-                self.first_image.setdefault(int(pid), j)
-
-    def __len__(self) -> int:
-        return len(self.index) if self.eval is None else len(self.eval.captions)
-
-    def caption(self, i: int) -> str:
-        return self.index[i][3] if self.eval is None else self.eval.captions[i]
-
-    def get(self, i: int) -> tuple[str, str, int]:
-        """(caption, image path, pid) of caption `i`."""
-        if self.eval is None:
-            pid, _, path, caption = self.index[i]
-            return caption, path, int(pid)
-        pid = int(self.eval.caption_pids[i])
-        if pid not in self.first_image:
-            raise ToolError(f"caption {i} (pid {pid}) has no image of its identity in the {self.split} gallery")
-        return self.eval.captions[i], self.eval.img_paths[self.first_image[pid]], pid
-
-
-def load_noise_report(root: str) -> dict[str, Any] | None:
-    """`noise_report.json` of the synthetic generator at the data root (or its parent), or None if absent."""
-    candidates = [os.path.join(root, NOISE_REPORT), os.path.join(os.path.dirname(os.path.normpath(root)), NOISE_REPORT)]
-    path = next((c for c in candidates if os.path.isfile(c)), None)
-    if path is None:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            report = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ToolError(f"cannot read {path}: {err}") from err
-    if not isinstance(report, dict):
-        raise ToolError(f"{path}: expected a JSON object with 'benchmark' and 'webperson' sections")
-    return report
-
-
-def match_noise_entries(report: dict[str, Any], dataset: str, source: CaptionSource) -> dict[int, dict[str, Any]]:
-    """Caption index in `source` -> noise-report entry, for the entries of this dataset and split.
-
-    Report keys are flat caption indices in annotation order, which equal the
-    training sample index for WebPerson; each match is confirmed by the
-    caption text, and entries whose key does not line up (e.g. the benchmark,
-    whose keys also count val/test records) are found by their text.
-    """
-    section = report.get("webperson" if dataset == "WebPerson" else "benchmark") or {}
-    entries = [(int(k), e) for k, e in section.items()
-               if str(k).isdigit() and isinstance(e, dict) and e.get("split") == source.split]
-    found: dict[int, dict[str, Any]] = {}
-    unresolved = []
-    for key, entry in sorted(entries, key=lambda item: item[0]):
-        if 0 <= key < len(source) and source.caption(key) == entry.get("text"):
-            found[key] = entry
-        else:
-            unresolved.append(entry)
-    if unresolved:
-        by_text: dict[str, list[int]] = {}
-        for i in range(len(source)):
-            by_text.setdefault(source.caption(i), []).append(i)
-        for entry in unresolved:
-            candidates = [i for i in by_text.get(entry.get("text"), []) if i not in found]
-            if candidates:
-                found[candidates[0]] = entry
-    return dict(sorted(found.items()))
 
 
 def choose_indices(source: CaptionSource, *, indices: list[int] | None, how: str, num: int, seed: int,
@@ -298,7 +158,7 @@ def compute_views(model: torch.nn.Module, cfg: Any, source: CaptionSource, indic
         entry = (noisy or {}).get(i)
         bad = corrupted_positions(tokenizer, ids[row].tolist(), entry.get("clean"), entry.get("words", ())) \
             if entry else set()
-        tokens = token_pieces(tokenizer, ids[row].tolist())
+        tokens = [TokenView(p.position, p.text, p.word_end) for p in token_pieces(tokenizer, ids[row].tolist())]
         for t in tokens:
             t.score = float(scores[row, t.position])
             # The contrastive branch sees a different id exactly where noise masking replaced the token.
