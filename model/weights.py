@@ -1,10 +1,8 @@
 """Loading retrieval-model weights from our checkpoints and the reference ones.
 
-Checkpoints are untrusted input: they are read with `torch.load(weights_only=True)`;
-a file that needs arbitrary unpickling is refused unless the caller explicitly
-trusts it. A file that is not a torch.save checkpoint at all (text, random bytes,
-a bare pickle) or is truncated is recognised before any unpickling and reported
-as such, never as "needs trust", and is not unpickled even when trusted.
+Checkpoints are untrusted input: `read_checkpoint` (utils/checkpoint.py) loads
+them weights-only and refuses a file that needs arbitrary unpickling unless the
+caller explicitly trusts it.
 
 Loading never succeeds silently with keys left out: the exact sets of missing and
 unexpected keys are checked against what the caller allows (e.g. a pretrain ->
@@ -13,26 +11,24 @@ fine-tune load may miss only `classifier.*`) and reported readably.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import pickle
-import pickletools
-import zipfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from utils.checkpoint import CheckpointNotFoundError, CheckpointReadError, read_checkpoint
 from utils.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
+# The checkpoint reader (read_checkpoint and its errors) lives in utils/checkpoint.py, beside the
+# writer; it is named here for its many importers.
 __all__ = ["CheckpointNotFoundError", "CheckpointReadError", "IncompatibleWeightsError", "LoadReport",
-           "read_checkpoint", "unwrap_state_dict", "load_model_weights", "load_pretrained"]
+           "read_checkpoint", "unwrap_state_dict", "load_checkpoint_weights", "load_model_weights", "load_pretrained"]
 
 WRAPPER_KEYS = ("model", "state_dict")
 # Keys a checkpoint may carry that no model here has: CLIP's learnable temperature,
@@ -40,22 +36,8 @@ WRAPPER_KEYS = ("model", "state_dict")
 IGNORED_KEYS = ("base_model.logit_scale",)
 
 
-# The legacy (pre-zip) torch.save format starts with this number pickled on its own.
-_LEGACY_MAGIC = torch.serialization.MAGIC_NUMBER
-# Bytes read to recognise a file's format (the legacy header pickle is 15 bytes long).
-_SNIFF_BYTES = 4096
-
-
 class IncompatibleWeightsError(UserInputError, RuntimeError):
     """A checkpoint's keys or shapes do not fit the model."""
-
-
-class CheckpointReadError(UserInputError, RuntimeError):
-    """A checkpoint file that cannot be read: not a checkpoint, corrupt, or untrusted."""
-
-
-class CheckpointNotFoundError(CheckpointReadError, FileNotFoundError):
-    """No checkpoint file at the given path."""
 
 
 @dataclass
@@ -82,147 +64,6 @@ def summarize_keys(keys: Iterable[str], depth: int = 2) -> str:
         parts = key.split(".")
         groups[".".join(parts[:depth]) + (".*" if len(parts) > depth else "")].append(key)
     return ", ".join(f"{g} ({len(v)} keys)" if len(v) > 1 else v[0] for g, v in groups.items())
-
-
-def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Any:
-    """Load a checkpoint file on the CPU, weights-only unless `trust` is given.
-
-    Raises:
-        CheckpointNotFoundError: no such file (also a FileNotFoundError).
-        CheckpointReadError: the file is not a torch.save checkpoint, is truncated or
-            corrupt, or needs full unpickling and `trust` is False (also a RuntimeError).
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise CheckpointNotFoundError(f"checkpoint not found: {path} is a directory, expected a checkpoint file")
-    if not os.path.isfile(path):
-        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
-    fmt = _checkpoint_format(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if not _main_pickle_is_whole(path, fmt):
-            raise _corrupt(path, err) from err
-        if not trust:
-            raise CheckpointReadError(
-                f"{path} contains objects that need arbitrary unpickling, which can run code. "
-                "Load it only if you trust its source: set train.trust_checkpoints=true "
-                f"(or pass --trust to the tools). Details: {_blocked_detail(err)}"
-            ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise _corrupt(path, err) from err
-    logger.warning("loading %s with full unpickling (trusted by the user)", path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (AttributeError, ImportError) as err:
-        raise CheckpointReadError(f"cannot read checkpoint {path}: it holds an object whose class cannot be "
-                                  f"imported here ({err})") from err
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        raise _corrupt(path, err) from err
-
-
-def _first_line(err: BaseException) -> str:
-    """``Type: first line of the message`` (just the type when the message is empty)."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
-def _corrupt(path: str, err: BaseException | str) -> CheckpointReadError:
-    detail = err if isinstance(err, str) else _first_line(err)
-    return CheckpointReadError(f"cannot read checkpoint {path}: truncated or corrupt ({detail})")
-
-
-def _not_a_checkpoint(path: str, what: str) -> CheckpointReadError:
-    return CheckpointReadError(f"{path} is not a PyTorch checkpoint ({what}); expected a file written by torch.save")
-
-
-def _blocked_detail(err: pickle.UnpicklingError) -> str:
-    """The line of torch's weights-only refusal that names what was blocked."""
-    lines = str(err).splitlines()
-    named = [line.strip() for line in lines if "GLOBAL" in line or "nsupported" in line]
-    return named[0] if named else _first_line(err)
-
-
-def _read_pickles(stream: io.BufferedIOBase, count: int) -> list[list[tuple[str, Any]]]:
-    """Opcode names and arguments of the next `count` pickles, parsed without executing anything.
-
-    Raises:
-        ValueError: the stream does not hold `count` whole pickles.
-    """
-    pickles = []
-    for _ in range(count):
-        ops = [(op.name, arg) for op, arg, _ in pickletools.genops(stream)]
-        pickles.append(ops)
-    return pickles
-
-
-def _is_legacy_header(head: bytes) -> bool:
-    """Whether `head` starts with the magic-number pickle of the legacy torch.save format."""
-    try:
-        (ops,) = _read_pickles(io.BytesIO(head), 1)
-    except ValueError:
-        return False
-    values = [arg for name, arg in ops if name not in ("PROTO", "FRAME", "STOP")]
-    return values == [_LEGACY_MAGIC]
-
-
-def _describe(head: bytes) -> str:
-    """What a file that is no checkpoint looks like, from its first bytes."""
-    try:
-        _read_pickles(io.BytesIO(head), 1)
-        return "a Python pickle, but not in torch.save's format"
-    except ValueError:
-        pass
-    chunk = head[:80]
-    try:
-        text = chunk.decode("utf-8")
-    except UnicodeDecodeError as err:
-        # A multi-byte character cut at the end of the chunk is still text.
-        text = chunk[:err.start].decode("utf-8") if err.start >= len(chunk) - 3 else ""
-    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
-        return f"it is text, starting {text.strip()[:40]!r}"
-    return f"unrecognised content starting with {head[:8]!r}"
-
-
-def _checkpoint_format(path: str) -> str:
-    """``"zip"`` (torch.save since PyTorch 1.6) or ``"legacy"``, judged without unpickling.
-
-    Raises:
-        CheckpointReadError: the file is not a torch.save checkpoint, or is a truncated zip.
-    """
-    with open(path, "rb") as f:
-        head = f.read(_SNIFF_BYTES)
-    if not head:
-        raise _not_a_checkpoint(path, "the file is empty")
-    if head.startswith(b"PK"):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-            raise _corrupt(path, f"a zip archive that cannot be opened: {err}") from err
-        if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
-            raise _not_a_checkpoint(path, f"a zip archive without the data.pkl record of torch.save, "
-                                          f"holding {', '.join(names[:3]) or 'nothing'}")
-        return "zip"
-    if _is_legacy_header(head):
-        return "legacy"
-    raise _not_a_checkpoint(path, _describe(head))
-
-
-def _main_pickle_is_whole(path: str, fmt: str) -> bool:
-    """Whether the checkpoint's object pickle parses to its end (so a refusal is about content)."""
-    try:
-        if fmt == "zip":
-            with zipfile.ZipFile(path) as archive:
-                name = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
-                _read_pickles(io.BytesIO(archive.read(name)), 1)
-        else:
-            # Legacy layout: magic number, protocol version, system info, then the object.
-            with open(path, "rb") as f:
-                _read_pickles(f, 4)
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile):
-        return False
-    return True
 
 
 def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, Tensor]:
@@ -299,6 +140,17 @@ def load_model_weights(
                     source, ", ".join(ignored))
     logger.info("loaded %s: %s", source, report.summary())
     return report
+
+
+def load_checkpoint_weights(model: nn.Module, ckpt: Any, source: str = "checkpoint") -> LoadReport:
+    """Load the weights of a read checkpoint (any wrapper, see `unwrap_state_dict`) into `model`, strictly.
+
+    The `load_weights` of `utils.checkpoint.Checkpointer` for this codebase's models.
+
+    Raises:
+        IncompatibleWeightsError: no state dict, or keys or shapes that do not fit.
+    """
+    return load_model_weights(model, unwrap_state_dict(ckpt, source=source), source=source)
 
 
 def load_pretrained(

@@ -9,7 +9,6 @@ how the model is initialised and what happens after each step.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -31,48 +30,33 @@ from model import build_model
 from model.clip import check_image_grid, clip_preset
 from model.objectives import parse_loss_names
 from model.tokenizer import Tokenizer
-from model.weights import read_checkpoint
-from processor.evaluate import append_metrics, build_evaluator, supersede_metrics
+from model.weights import load_checkpoint_weights
+from processor.evaluate import build_evaluator
 from solver.lr_scheduler import build_lr_scheduler, schedule_mode
 from solver.optim import build_optimizer, optimizer_class
 from utils import comm
-from utils.checkpoint import Checkpointer, GracefulExit, check_resume_config, find_resume
+from utils.checkpoint import Checkpointer, GracefulExit, check_resume_config, find_resume, read_checkpoint
 from utils.config import Config, ConfigError, save_config
+from utils.device import PRECISIONS, autocast_context, resolve_device
 from utils.logger import setup_logging
 from utils.meters import MeterDict
+from utils.metrics_log import append_metrics, supersede_metrics
 from utils.run_lock import RunDirBusyError, RunDirLock
 from utils.threads import apply_threads
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "Task", "NonFiniteLossError", "check_components", "resolve_device", "autocast_context"]
+# PRECISIONS, autocast_context and resolve_device live in utils/device.py; named here for their
+# importers (tools/test.py, tools/search.py, tools/robustness.py, tests/test_config*.py).
+__all__ = ["Trainer", "Task", "NonFiniteLossError", "check_components", "resolve_device", "autocast_context",
+           "PRECISIONS"]
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Evaluation splits a benchmark may have (`eval.select_split`, `eval.fallback_split`).
 EVAL_SPLITS = ("val", "test")
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row."""
-
-
-def resolve_device(spec: str) -> torch.device:
-    """`auto` -> this rank's GPU if CUDA is available, else the CPU.
-
-    Raises:
-        ConfigError: `spec` names no device, or CUDA where there is none.
-    """
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", comm.get_local_rank())
-        return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as err:
-        raise ConfigError(f"device={spec!r}: not a device; use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={spec!r} but CUDA is not available; use device=cpu or auto")
-    return device
 
 
 def check_components(cfg: Config) -> None:
@@ -94,16 +78,6 @@ def check_components(cfg: Config) -> None:
     parse_loss_names(cfg.model.loss_names)
     optimizer_class(cfg.solver.optimizer)
     schedule_mode(cfg.solver.scheduler)
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA only; the CPU always runs float32 (see configs/base.yaml)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    if device.type != "cuda" or dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def mask_rates(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -194,7 +168,8 @@ class Trainer:
         self.evaluator, self.eval_splits = self._build_evaluator()
         self.checkpointer = Checkpointer(self.run_dir, model=model, optimizer=self.optimizer,
                                          scheduler=self.scheduler, scaler=self.scaler,
-                                         score_cache=self.score_cache, config=cfg, num_classes=self.num_classes)
+                                         score_cache=self.score_cache, config=cfg, num_classes=self.num_classes,
+                                         load_weights=load_checkpoint_weights)
         self.writer = self._tensorboard()
         self.start_epoch, self.global_step, self.skip_batches = 0, 0, 0
         self.best: dict[str, dict[str, Any]] = {}

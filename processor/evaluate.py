@@ -9,10 +9,7 @@ large gallery never needs a full query x gallery sort.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
-import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -27,16 +24,15 @@ from datasets.build import ImageDataset, TextDataset
 from datasets.transforms import build_transforms
 from model.tokenizer import Tokenizer
 from utils import comm
-from utils.checkpoint import atomic_write
+from utils.device import autocast_dtype, dtype_autocast, unwrap_model
 from utils.metrics import format_table, rank_metrics_from_features
+from utils.metrics_log import append_metrics, is_number, read_metrics, supersede_metrics
 
 logger = logging.getLogger(__name__)
 
+# The metrics.jsonl helpers live in utils/metrics_log.py; named here for their importers
+# (processor/pretrain.py, tools/test.py, tools/robustness.py, tools/make_tables.py).
 __all__ = ["Evaluator", "build_evaluator", "append_metrics", "read_metrics", "supersede_metrics", "is_number"]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 class Evaluator:
@@ -76,9 +72,7 @@ class Evaluator:
         return DataLoader(shard, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda" and self.amp_dtype is not None:
-            return torch.autocast("cuda", dtype=self.amp_dtype)
-        return contextlib.nullcontext()
+        return dtype_autocast(self.device, self.amp_dtype)
 
     @torch.inference_mode()
     def _embed(self, loader: DataLoader, encode: Any, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +87,7 @@ class Evaluator:
 
     def extract(self, model: nn.Module, split: EvalSplit) -> dict[str, torch.Tensor]:
         """Normalised features and pids of a split's captions and images (gathered to every rank)."""
-        core = _unwrap(model)
+        core = unwrap_model(model)
         text_pids, text_feats = self._embed(
             self._loader(TextDataset(split.captions, split.caption_pids, self.tokenizer, self.text_length)),
             core.encode_text, core.embed_dim)
@@ -139,84 +133,10 @@ class Evaluator:
         return results
 
 
-def _amp_dtype(cfg: Any) -> torch.dtype | None:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-
-
 def build_evaluator(cfg: Any, splits: Mapping[str, EvalSplit], device: torch.device | str,
                     tokenizer: Tokenizer | None = None) -> Evaluator:
     """An Evaluator over `splits` with the config's sizes, batch and precision."""
     return Evaluator(splits, image_size=tuple(cfg.model.clip.image_size), tokenizer=tokenizer or Tokenizer(),
                      text_length=cfg.data.text_length, batch_size=cfg.data.test_batch_size,
-                     num_workers=cfg.data.num_workers, device=device, amp_dtype=_amp_dtype(cfg),
+                     num_workers=cfg.data.num_workers, device=device, amp_dtype=autocast_dtype(cfg.precision),
                      i2t=cfg.eval.i2t, chunk_size=cfg.eval.chunk_size)
-
-
-def append_metrics(run_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Append one JSON line to `<run_dir>/metrics.jsonl` (flushed and fsynced)."""
-    path = os.path.join(os.fspath(run_dir), "metrics.jsonl")
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def supersede_metrics(run_dir: str | os.PathLike, from_epoch: int) -> int:
-    """Drop the training and evaluation records of epochs >= `from_epoch` from `metrics.jsonl`.
-
-    Called when a run resumes at `from_epoch`: those epochs are about to be redone
-    and will write new records, so every reader sees one history. Records of
-    other kinds (e.g. `test` from tools/test.py) and lines torn by a crash mid-write
-    are handled too: the first are kept, the second dropped. The file is replaced
-    atomically. Returns the number of lines dropped.
-    """
-    path = os.path.join(os.fspath(run_dir), "metrics.jsonl")
-    if not os.path.isfile(path):
-        return 0
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict):
-            continue
-        redone = record.get("type") in ("train", "eval") and isinstance(record.get("epoch"), int) \
-            and record["epoch"] >= from_epoch
-        if not redone:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    if len(kept) != len(lines):
-        atomic_write(path, lambda f: f.write("".join(kept).encode("utf-8")))
-    return len(lines) - len(kept)
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The JSON records of a `metrics.jsonl` file (blank lines skipped).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: a line is not a JSON object (names the file and line).
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found (a run directory holds metrics.jsonl once an epoch has finished)")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
-
-
-def is_number(value: Any) -> bool:
-    """A finite int or float (not a bool): what a metric value must be."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -8,8 +8,9 @@ import torch
 
 from model import build_model
 from model.clip import backbone_state_dict, build_clip_from_config, is_torchscript_archive, load_clip_state_dict
-from model.weights import load_model_weights, read_checkpoint, unwrap_state_dict
+from model.weights import load_model_weights, unwrap_state_dict
 from processor.engine import Task
+from utils.checkpoint import read_checkpoint
 from utils.config import Config
 
 logger = logging.getLogger(__name__)

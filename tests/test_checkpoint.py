@@ -20,7 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from model.weights import IncompatibleWeightsError, load_pretrained
+from model.weights import IncompatibleWeightsError, load_checkpoint_weights, load_pretrained
 from utils import comm
 from utils.checkpoint import (
     FORMAT_VERSION,
@@ -295,9 +295,13 @@ def test_load_errors_are_explicit(tmp_path):
     model, opt, sched, scaler, cache, ck = _training_state(0, tmp_path)
     ck.save("last", epoch=1, step=1)
 
-    other = Checkpointer(tmp_path, model=_Net(hidden=32))
+    # The model's owner decides what fits (the engine passes model.weights' strict, readable loader);
+    # by default torch's strict load_state_dict decides.
+    other = Checkpointer(tmp_path, model=_Net(hidden=32), load_weights=load_checkpoint_weights)
     with pytest.raises(IncompatibleWeightsError, match=r"fc1\.weight"):
         other.load(tmp_path / "last.pth")
+    with pytest.raises(RuntimeError, match=r"size mismatch for fc1\.weight"):
+        Checkpointer(tmp_path, model=_Net(hidden=32)).load(tmp_path / "last.pth")
 
     weights_only = tmp_path / "release.pth"
     torch.save({"model": model.state_dict(), "config": {}, "num_classes": 4, "format_version": FORMAT_VERSION},
@@ -532,3 +536,36 @@ def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.pth").stat().st_mode & 0o777 == (tmp_path / "b.pth").stat().st_mode & 0o777 == 0o644
+
+
+# --------------------------------------------------------------------------- layering, utils/device.py
+
+
+def test_utils_import_nothing_from_model_or_processor():
+    """utils/ is the bottom layer: checkpoint files, devices and the metrics log know no model."""
+    import ast
+
+    offenders = []
+    for path in sorted((REPO_ROOT / "utils").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("model", "processor", "tools")]
+    assert offenders == []
+
+
+def test_unwrap_model_and_autocast_choice():
+    from utils.device import autocast_context, autocast_dtype, unwrap_model
+
+    model = _Net()
+    assert unwrap_model(model) is model
+    assert unwrap_model(nn.DataParallel(nn.DataParallel(model))) is model
+    compiled = torch.compile(nn.DataParallel(model))  # wrapping only: nothing is compiled before a call
+    assert unwrap_model(compiled) is model
+    assert [autocast_dtype(p) for p in ("fp32", "bf16", "fp16")] == [None, torch.bfloat16, torch.float16]
+    with pytest.raises(ValueError, match="unknown precision 'fp8'; valid: fp32, bf16, fp16"):
+        autocast_dtype("fp8")
+    # The CPU always runs float32: no autocast region, whatever the precision.
+    with autocast_context(torch.device("cpu"), "bf16"):
+        assert not torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

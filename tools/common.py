@@ -7,8 +7,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from processor.evaluate import read_metrics
 from utils.errors import UserInputError
+from utils.metrics_log import read_metrics
 
 __all__ = ["DEBUG_ENV", "ToolError", "one_line", "read_records", "run_tool"]
 

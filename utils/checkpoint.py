@@ -5,9 +5,16 @@ holding everything needed to continue a run as if it had never stopped: model,
 optimizer, LR scheduler, AMP grad scaler, GASS score cache, every rank's RNG
 state, the epoch/step counters, the best metrics so far and the resolved
 config. Only plain containers, numbers, strings and tensors go in, so the file
-loads with ``torch.load(weights_only=True)`` (checkpoints are untrusted input;
-see :mod:`model.weights`); anything else is refused when *saving*, not
-discovered at resume time.
+loads with ``torch.load(weights_only=True)``; anything else is refused when
+*saving*, not discovered at resume time.
+
+Checkpoints are untrusted input: :func:`read_checkpoint` loads them
+weights-only and refuses a file that needs arbitrary unpickling unless the
+caller explicitly trusts it. A file that is not a torch.save checkpoint at all
+(text, random bytes, a bare pickle) or is truncated is recognised before any
+unpickling and reported as such, never as "needs trust", and is not unpickled
+even when trusted. What the model's keys must be is the model's business
+(``Checkpointer(load_weights=...)``, :mod:`model.weights`).
 
 Files are written atomically (temp file in the same directory, fsync, rename,
 fsync of the directory): a crash or kill at any moment leaves either the old
@@ -16,14 +23,18 @@ or the new checkpoint, never a torn one.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import pickle
+import pickletools
 import random
 import re
 import signal
 import socket
 import tempfile
 import threading
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -34,13 +45,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.weights import CheckpointNotFoundError, load_model_weights, read_checkpoint, unwrap_state_dict
 from utils import comm
+from utils.device import unwrap_model
 from utils.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CheckpointNotFoundError",
+    "CheckpointReadError",
     "FORMAT_VERSION",
     "SAFE_ON_RESUME",
     "ResumeConfigError",
@@ -52,6 +65,8 @@ __all__ = [
     "atomic_write",
     "capture_rng_state",
     "find_resume",
+    "load_model_state",
+    "read_checkpoint",
     "restore_rng_state",
     "to_weights_only_safe",
     "unwrap_model",
@@ -160,6 +175,164 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` that never leaves a torn or half-written file (see :func:`atomic_write`)."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class CheckpointReadError(UserInputError, RuntimeError):
+    """A checkpoint file that cannot be read: not a checkpoint, corrupt, or untrusted."""
+
+
+class CheckpointNotFoundError(CheckpointReadError, FileNotFoundError):
+    """No checkpoint file at the given path."""
+
+
+# The legacy (pre-zip) torch.save format starts with this number pickled on its own.
+_LEGACY_MAGIC = torch.serialization.MAGIC_NUMBER
+# Bytes read to recognise a file's format (the legacy header pickle is 15 bytes long).
+_SNIFF_BYTES = 4096
+
+
+def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Any:
+    """Load a checkpoint file on the CPU, weights-only unless `trust` is given.
+
+    Raises:
+        CheckpointNotFoundError: no such file (also a FileNotFoundError).
+        CheckpointReadError: the file is not a torch.save checkpoint, is truncated or
+            corrupt, or needs full unpickling and `trust` is False (also a RuntimeError).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointNotFoundError(f"checkpoint not found: {path} is a directory, expected a checkpoint file")
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
+    fmt = _checkpoint_format(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not _main_pickle_is_whole(path, fmt):
+            raise _corrupt(path, err) from err
+        if not trust:
+            raise CheckpointReadError(
+                f"{path} contains objects that need arbitrary unpickling, which can run code. "
+                "Load it only if you trust its source: set train.trust_checkpoints=true "
+                f"(or pass --trust to the tools). Details: {_blocked_detail(err)}"
+            ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise _corrupt(path, err) from err
+    logger.warning("loading %s with full unpickling (trusted by the user)", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ImportError) as err:
+        raise CheckpointReadError(f"cannot read checkpoint {path}: it holds an object whose class cannot be "
+                                  f"imported here ({err})") from err
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise _corrupt(path, err) from err
+
+
+def _first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (just the type when the message is empty)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _corrupt(path: str, err: BaseException | str) -> CheckpointReadError:
+    detail = err if isinstance(err, str) else _first_line(err)
+    return CheckpointReadError(f"cannot read checkpoint {path}: truncated or corrupt ({detail})")
+
+
+def _not_a_checkpoint(path: str, what: str) -> CheckpointReadError:
+    return CheckpointReadError(f"{path} is not a PyTorch checkpoint ({what}); expected a file written by torch.save")
+
+
+def _blocked_detail(err: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only refusal that names what was blocked."""
+    lines = str(err).splitlines()
+    named = [line.strip() for line in lines if "GLOBAL" in line or "nsupported" in line]
+    return named[0] if named else _first_line(err)
+
+
+def _read_pickles(stream: io.BufferedIOBase, count: int) -> list[list[tuple[str, Any]]]:
+    """Opcode names and arguments of the next `count` pickles, parsed without executing anything.
+
+    Raises:
+        ValueError: the stream does not hold `count` whole pickles.
+    """
+    pickles = []
+    for _ in range(count):
+        ops = [(op.name, arg) for op, arg, _ in pickletools.genops(stream)]
+        pickles.append(ops)
+    return pickles
+
+
+def _is_legacy_header(head: bytes) -> bool:
+    """Whether `head` starts with the magic-number pickle of the legacy torch.save format."""
+    try:
+        (ops,) = _read_pickles(io.BytesIO(head), 1)
+    except ValueError:
+        return False
+    values = [arg for name, arg in ops if name not in ("PROTO", "FRAME", "STOP")]
+    return values == [_LEGACY_MAGIC]
+
+
+def _describe(head: bytes) -> str:
+    """What a file that is no checkpoint looks like, from its first bytes."""
+    try:
+        _read_pickles(io.BytesIO(head), 1)
+        return "a Python pickle, but not in torch.save's format"
+    except ValueError:
+        pass
+    chunk = head[:80]
+    try:
+        text = chunk.decode("utf-8")
+    except UnicodeDecodeError as err:
+        # A multi-byte character cut at the end of the chunk is still text.
+        text = chunk[:err.start].decode("utf-8") if err.start >= len(chunk) - 3 else ""
+    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return f"it is text, starting {text.strip()[:40]!r}"
+    return f"unrecognised content starting with {head[:8]!r}"
+
+
+def _checkpoint_format(path: str) -> str:
+    """``"zip"`` (torch.save since PyTorch 1.6) or ``"legacy"``, judged without unpickling.
+
+    Raises:
+        CheckpointReadError: the file is not a torch.save checkpoint, or is a truncated zip.
+    """
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    if not head:
+        raise _not_a_checkpoint(path, "the file is empty")
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+            raise _corrupt(path, f"a zip archive that cannot be opened: {err}") from err
+        if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+            raise _not_a_checkpoint(path, f"a zip archive without the data.pkl record of torch.save, "
+                                          f"holding {', '.join(names[:3]) or 'nothing'}")
+        return "zip"
+    if _is_legacy_header(head):
+        return "legacy"
+    raise _not_a_checkpoint(path, _describe(head))
+
+
+def _main_pickle_is_whole(path: str, fmt: str) -> bool:
+    """Whether the checkpoint's object pickle parses to its end (so a refusal is about content)."""
+    try:
+        if fmt == "zip":
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
+                _read_pickles(io.BytesIO(archive.read(name)), 1)
+        else:
+            # Legacy layout: magic number, protocol version, system info, then the object.
+            with open(path, "rb") as f:
+                _read_pickles(f, 4)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile):
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- payload checks
@@ -351,15 +524,17 @@ def _reseed(base_seed: int, step: int) -> int:
 # --------------------------------------------------------------------------- checkpointer
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module under DDP / DataParallel / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+def load_model_state(model: nn.Module, ckpt: Any, source: str = "checkpoint") -> None:
+    """Torch's strict ``load_state_dict`` of a read checkpoint's ``model`` entry (what `Checkpointer` saves).
+
+    Raises:
+        ResumeCheckpointError: the checkpoint has no ``model`` mapping.
+        RuntimeError: torch's report of missing / unexpected keys or shape mismatches.
+    """
+    state = ckpt.get("model") if isinstance(ckpt, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise ResumeCheckpointError(f"{source}: no model weights (a 'model' entry) in this checkpoint")
+    model.load_state_dict(state)
 
 
 class Checkpointer:
@@ -379,6 +554,11 @@ class Checkpointer:
             ``load_state_dict`` on every rank.
         config: the resolved config (``Config`` or plain dict), stored as a dict.
         num_classes: training identities the model was built for.
+        load_weights: ``load_weights(model, checkpoint, path)`` puts a read checkpoint's
+            model weights into the (unwrapped) model or raises; the model's owner knows
+            its keys (``model.weights.load_checkpoint_weights``). Default:
+            :func:`load_model_state`, torch's strict ``load_state_dict`` of the
+            checkpoint's ``model`` entry.
     """
 
     def __init__(
@@ -392,6 +572,7 @@ class Checkpointer:
         score_cache: Any = None,
         config: Any = None,
         num_classes: int = 0,
+        load_weights: Callable[[nn.Module, Any, str], Any] | None = None,
     ) -> None:
         for name, obj in (("scheduler", scheduler), ("scaler", scaler), ("score_cache", score_cache)):
             if obj is not None and not (callable(getattr(obj, "state_dict", None))
@@ -406,6 +587,7 @@ class Checkpointer:
         self.score_cache = score_cache
         self.config = _plain_config(config)
         self.num_classes = int(num_classes)
+        self.load_weights = load_weights or load_model_state
 
     def path(self, name: str) -> Path:
         """File of the checkpoint called `name` (``last`` -> ``<run_dir>/last.pth``)."""
@@ -479,7 +661,7 @@ class Checkpointer:
             ``config`` of the checkpoint (``None`` where the file has none).
 
         Raises:
-            model.weights.IncompatibleWeightsError: the weights do not fit the model.
+            Whatever ``load_weights`` raises when the weights do not fit the model.
             ResumeCheckpointError: a file written by newer code, or `resume` with one that is not
                 a training checkpoint of this codebase or lacks the optimizer/scheduler state
                 this run needs (also a ValueError).
@@ -491,7 +673,7 @@ class Checkpointer:
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise ResumeCheckpointError(f"{path}: checkpoint format_version {version} is newer than this code "
                                         f"understands ({FORMAT_VERSION}); update the code")
-        load_model_weights(unwrap_model(self.model), unwrap_state_dict(ckpt, source=path), source=path)
+        self.load_weights(unwrap_model(self.model), ckpt, path)
         meta = {key: ckpt.get(key) if isinstance(ckpt, Mapping) else None
                 for key in ("epoch", "step", "best_metrics", "extra", "num_classes", "config")}
         if not resume:
