@@ -36,7 +36,7 @@ REL_TOL = 1e-5
 #: The logged scalars that are pinned (TensorBoard tags without `train/`).
 RATES = ("noise_mask_rate", "mlm_mask_rate")
 
-# Recorded at 9dd0864 (and identical, bit for bit, at c2c8e2b, before the uint8 data path).
+# Recorded at b12bc1b (after the uint8 data path of 9dd0864); identical, bit for bit, at c2c8e2b (before it).
 # Six steps: epoch 0 (steps 1-3, warm-up lr 1e-4), epoch 1 (steps 4-6, lr 1e-3).
 PINNED = {
     "pretrain": {
