@@ -1991,6 +1991,12 @@ GENERIC_STREAM = "generic-identities"
 #: model learns that they say nothing about the person (as OpenAI's CLIP saw them).
 _ALT_TEXT_OPENERS = ("", "", "a photo of ", "a picture of ", "an image of ", "a street photo of ",
                      "a cropped photo of ", "a low-resolution photo of ")
+#: Web boilerplate that comes with images of anyone (its own list, not the noise phrases of
+#: :func:`_insert_irrelevant`, though words such as "photo" or "street" occur in both).
+_WEB_BOILERPLATE = ("stock image", "royalty free", "hd wallpaper", "free download", "editorial use only",
+                    "high quality photo", "street style", "city life", "daily commute", "urban lifestyle",
+                    "shot on a phone", "view more pictures", "spring fashion", "people walking downtown",
+                    "image source: social media", "all images copyrighted")
 
 
 def generic_caption(attrs: PersonAttributes, rng: random.Random) -> str:
@@ -1998,20 +2004,26 @@ def generic_caption(attrs: PersonAttributes, rng: random.Random) -> str:
 
     Half the captions use :data:`TEMPLATES`; the other half are alt-text that names
     the person and a random subset of what they wear (``"a photo of a woman in a red
-    coat and a black handbag"``, ``"grey trousers, white sneakers"``). Every word is
-    true of the image.
+    coat and a black handbag"``, ``"grey trousers, white sneakers"``). Every word about
+    the person is true of the image; 30% carry web boilerplate that says nothing about
+    anyone (``"... - stock image"``), as the web captions OpenAI's CLIP learnt from do.
     """
     if rng.random() < 0.5:
-        return describe(attrs, random.Random(rng.getrandbits(64)))[0]
-    v = _Verbaliser(attrs, random.Random(rng.getrandbits(64)))
-    items = [x for x in (v.top(), v.bottom(), v.shoes(), v.bag()) if x]
-    chosen = rng.sample(items, rng.randint(1, len(items)))
+        text = describe(attrs, random.Random(rng.getrandbits(64)))[0]
+    else:
+        v = _Verbaliser(attrs, random.Random(rng.getrandbits(64)))
+        items = [x for x in (v.top(), v.bottom(), v.shoes(), v.bag()) if x]
+        chosen = rng.sample(items, rng.randint(1, len(items)))
+        if rng.random() < 0.3:
+            chosen.append(f"with {v.hair()}")
+        if rng.random() < 0.25:
+            text = _fix_articles(", ".join(c.removeprefix("a ").removeprefix("an ") for c in chosen))
+        else:
+            text = _fix_articles(f"{rng.choice(_ALT_TEXT_OPENERS)}{v.subject()} in {_join(chosen, oxford=False)}")
     if rng.random() < 0.3:
-        chosen.append(f"with {v.hair()}")
-    if rng.random() < 0.25:
-        return _fix_articles(", ".join(c.removeprefix("a ").removeprefix("an ") for c in chosen))
-    opener = rng.choice(_ALT_TEXT_OPENERS)
-    return _fix_articles(f"{opener}{v.subject()} in {_join(chosen, oxford=False)}")
+        extra = rng.choice(_WEB_BOILERPLATE)
+        text = f"{extra} | {text}" if rng.random() < 0.5 else f"{text} - {extra}"
+    return text
 
 
 def _render_array(job: tuple[dict[str, Any], int, tuple[int, int]]) -> np.ndarray:

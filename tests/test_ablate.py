@@ -127,3 +127,21 @@ def test_config_differences_ignore_result_neutral_and_absent_keys():
 def test_epochs_must_be_positive(tmp_path, capsys):
     assert ablate.main(["--epochs", "0", "--out", str(tmp_path / "abl")]) == 2
     assert capsys.readouterr().err == "error: --epochs must be >= 1, got 0\n"
+
+
+def test_pretrained_backbone_starts_every_run(synthetic_root, tmp_path, monkeypatch, capsys):
+    backbone = load_tool("pretrain_backbone")
+    tiny = dict(images=32, batch_size=16, epochs=1, captions_per_image=2, warmup_steps=1)
+    monkeypatch.setattr(ablate, "settings_for", lambda data: backbone.settings_for(data, **tiny))
+    cache, out = tmp_path / "cache", tmp_path / "abl"
+    argv = ["--backbone", "pretrained", "--backbone-cache", str(cache), "--variants", "sdm", "--seeds", "0",
+            "--epochs", "1", "--data", str(synthetic_root), "--out", str(out), "data.batch_size=16",
+            "train.max_steps=1", "log_period=100"]
+    assert ablate.main(argv) == 0
+    made = sorted(cache.glob("*.pt"))
+    assert len(made) == 1 and "trained" in capsys.readouterr().out
+    resolved = load_config(str(out / "sdm" / "seed0" / "config.yaml"))
+    assert resolved.model.clip.pretrained == str(made[0])
+    assert "loaded CLIP weights from" in (out / "sdm" / "seed0" / "train.log").read_text()
+    assert ablate.main(argv) == 0  # the backbone and the run are reused
+    assert "reused" in capsys.readouterr().out and sorted(cache.glob("*.pt")) == made

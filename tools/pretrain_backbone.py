@@ -72,7 +72,7 @@ logger = logging.getLogger(__name__)
 CONFIG = REPO / "configs" / "demo" / "tiny_pretrain.yaml"
 DEFAULT_CACHE = Path("~/.cache/gadms/backbones")
 #: Bumped whenever the recipe or the corpus changes what a given set of settings produces.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 #: OpenAI CLIP's initial temperature 0.07 and its cap: logit_scale = ln(1 / T) <= ln(100).
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -104,10 +104,10 @@ class BackboneSettings:
     arch: str = "tiny"
     image_size: tuple[int, int] = (64, 32)
     render_size: tuple[int, int] = (128, 64)
-    images: int = 4000
+    images: int = 4096
     captions_per_image: int = 3
-    epochs: int = 10
-    batch_size: int = 128
+    epochs: int = 8
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.1
     warmup_steps: int = 30
@@ -379,8 +379,10 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(args.out, "--out")
     if args.data is not None and not Path(args.data).is_dir():
         raise ToolError(f"--data {args.data} is not a folder (make one with tools/make_synthetic.py)")
-    if args.images < 2:
-        raise ToolError(f"--images must be >= 2, got {args.images}")
+    if args.epochs < 1:
+        raise ToolError(f"--epochs must be >= 1, got {args.epochs}")
+    if not 2 <= args.batch_size <= args.images:
+        raise ToolError(f"--batch-size must be in 2..--images ({args.images}), got {args.batch_size}")
     setup_logging(None, console_level=logging.WARNING)
     apply_threads(0)
     settings, exclude = settings_for(args.data, epochs=args.epochs, seed=args.seed, images=args.images,
