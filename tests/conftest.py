@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 
 import pytest
@@ -23,9 +22,10 @@ def synthetic_root(tmp_path_factory) -> Path:
 
 
 def load_tool(name: str):
-    """Import tools/<name>.py as a module (tools/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """tools/<name>.py as the module `tools.<name>`, imported once per process.
+
+    One module object per tool: a second import under another name (or a re-execution)
+    would give its functions a second identity, and a worker pool pickling them by
+    name (tools/prepare_webperson.py) would then fail.
+    """
+    return importlib.import_module(f"tools.{name}")

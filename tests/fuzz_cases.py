@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import importlib.util
+import importlib
 import io
 import json
 import os
@@ -34,7 +34,6 @@ import random
 import re
 import shutil
 import struct
-import sys
 import tarfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -70,18 +69,9 @@ WEBPERSON_FILES = {"json": "annotations.json", "jsonl": "annotations.jsonl", "ta
 # --------------------------------------------------------------------------- shared assets
 
 
-_TOOL_MODULES: dict[str, Any] = {}
-
-
 def load_tool(name: str) -> Any:
-    """tools/<name>.py as a module (imported once per process)."""
-    if name not in _TOOL_MODULES:
-        spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        _TOOL_MODULES[name] = module
-    return _TOOL_MODULES[name]
+    """tools/<name>.py as the module `tools.<name>` (imported once per process)."""
+    return importlib.import_module(f"tools.{name}")
 
 
 def quiet_logging() -> None:
