@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datasets import build_dataset
@@ -34,15 +35,17 @@ from utils.errors import UserInputError
 logger = logging.getLogger(__name__)
 
 __all__ = ["NOISE_KINDS", "NOISE_REPORT", "SCORERS", "CaptionSource", "NoiseReportError", "WordPiece",
-           "caption_auc", "corrupted_positions", "group_words", "load_noise_report", "match_noise_entries",
-           "noise_detection_auc", "summarize_aucs", "token_pieces"]
+           "caption_auc", "clean_preference", "corrupted_positions", "group_words", "load_noise_report", "match_noise_entries",
+           "noise_detection_auc", "occlusion_scores", "summarize_aucs", "token_pieces"]
 
 NOISE_REPORT = "noise_report.json"
 #: Corruption kinds of the synthetic generator's noise report.
 NOISE_KINDS = ("wrong_attr", "irrelevant")
 #: "model": the model's configured `token_scores`; "gass"/"css": that scoring with the model's
-#: GASS settings whatever it is configured with; "random": uniform scores (chance level).
-SCORERS = ("model", "gass", "css", "random")
+#: GASS settings whatever it is configured with; "occlusion": how much the image-caption cosine
+#: drops when the token is deleted (what the model itself makes of each token: the reference a
+#: gradient attribution such as GASS approximates); "random": uniform scores (chance level).
+SCORERS = ("model", "gass", "css", "occlusion", "random")
 
 
 class NoiseReportError(UserInputError):
@@ -230,6 +233,30 @@ def caption_auc(scores: Sequence[float] | Tensor | np.ndarray, corrupted: Sequen
     return float(((clean > noisy) + 0.5 * (clean == noisy)).mean())
 
 
+@torch.no_grad()
+def occlusion_scores(model: nn.Module, image_feats: Tensor, ids: Tensor) -> Tensor:
+    """Per token, cos(image, caption) minus cos(image, caption without that token); 0 outside `0 < j < eot`.
+
+    Args:
+        model: anything with `encode_text(ids) -> [B, D]` (the EOT feature).
+        image_feats: image features [B, D].
+        ids: caption token ids [B, L].
+    """
+    image = F.normalize(image_feats.float(), dim=-1)
+    valid = valid_token_mask(ids)
+    full = (F.normalize(model.encode_text(ids).float(), dim=-1) * image).sum(-1)
+    scores = torch.zeros(ids.shape, device=ids.device)
+    pad = ids.new_zeros(1)
+    for row in range(ids.shape[0]):
+        positions = torch.nonzero(valid[row]).flatten().tolist()
+        if not positions:
+            continue
+        deleted = torch.stack([torch.cat([ids[row, :j], ids[row, j + 1:], pad]) for j in positions])
+        sims = F.normalize(model.encode_text(deleted).float(), dim=-1) @ image[row]
+        scores[row, positions] = full[row] - sims
+    return scores
+
+
 def _scorer(name: str, model: nn.Module, generator: torch.Generator) -> Callable[[Tensor, Tensor], Tensor]:
     """`(image features [B, D], ids [B, L]) -> scores [B, L]` of one scorer."""
     if name == "model":
@@ -240,6 +267,8 @@ def _scorer(name: str, model: nn.Module, generator: torch.Generator) -> Callable
                                               normalize=model.gass_normalize)
     if name == "css":
         return lambda feats, ids: css_scores(model.base_model, feats, ids, normalize=model.gass_normalize)
+    if name == "occlusion":
+        return lambda feats, ids: occlusion_scores(model, feats, ids)
     if name == "random":
         return lambda feats, ids: torch.rand(ids.shape, generator=generator)
     raise ValueError(f"unknown scorer {name!r}; valid: {', '.join(SCORERS)}")
@@ -317,6 +346,47 @@ def noise_detection_auc(model: nn.Module, root: str, *, image_size: Sequence[int
     if not any(aucs[name] for name in scorers):
         raise NoiseReportError("no corrupted caption has both clean and corrupted word tokens")
     return aucs
+
+
+@torch.no_grad()
+def clean_preference(model: nn.Module, root: str, *, image_size: Sequence[int], annotation: str = "",
+                     text_length: int = 77, batch_size: int = 32, device: torch.device | str = "cpu"
+                     ) -> dict[str, float]:
+    """Per corruption kind, the share of corrupted captions whose clean version matches their image better.
+
+    A caption-level check of whether the model sees the noise at all (cosine of the
+    image with the clean caption of the noise report vs with the corrupted one; ties
+    count half): no token score can single out words the model itself ignores.
+    """
+    report = load_noise_report(root)
+    if report is None:
+        raise NoiseReportError(f"{root} has no {NOISE_REPORT} (made by tools/make_synthetic.py)")
+    source = CaptionSource(build_dataset("WebPerson", root, annotation=annotation), "train")
+    noisy = {k: e for k, e in match_noise_entries(report, "WebPerson", source).items() if e.get("clean")}
+    device = torch.device(device)
+    tokenizer = Tokenizer()
+    transform = build_transforms(tuple(image_size), is_train=False)
+    prefers: dict[str, list[float]] = {}
+    was_training = model.training
+    model.eval()
+    keys = list(noisy)
+    try:
+        for start in range(0, len(keys), batch_size):
+            chunk = keys[start:start + batch_size]
+            rows = [source.get(i) for i in chunk]
+            images = torch.stack([transform(open_image(path)) for _, path, _ in rows]).to(device)
+            image = F.normalize(model.encode_image(images).float(), dim=-1)
+            sims = []
+            for texts in ([caption for caption, _, _ in rows], [noisy[k]["clean"] for k in chunk]):
+                ids = tokenizer.tokenize(texts, text_length).to(device)
+                sims.append((F.normalize(model.encode_text(ids).float(), dim=-1) * image).sum(-1).cpu())
+            for row, key in enumerate(chunk):
+                noisy_sim, clean_sim = float(sims[0][row]), float(sims[1][row])
+                won = 1.0 if clean_sim > noisy_sim else 0.5 if clean_sim == noisy_sim else 0.0
+                prefers.setdefault(str(noisy[key].get("kind", "unknown")), []).append(won)
+    finally:
+        model.train(was_training)
+    return summarize_aucs(prefers)
 
 
 def summarize_aucs(per_kind: Mapping[str, Sequence[float]]) -> dict[str, float]:

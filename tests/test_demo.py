@@ -31,12 +31,13 @@ def train_split(root) -> EvalSplit:
 
 def test_small_demo_runs_end_to_end_and_learns(tmp_path, capsys):
     demo = load_tool("demo")
-    out, data = tmp_path / "demo", tmp_path / "data"
-    assert demo.main(["--small", "--out", str(out), "--data", str(data)]) == 0
+    out, data, cache = tmp_path / "demo", tmp_path / "data", tmp_path / "backbones"
+    assert demo.main(["--small", "--out", str(out), "--data", str(data), "--backbone-cache", str(cache)]) == 0
     printed, logged = capsys.readouterr()
     assert "mINP" in printed and "random init (chance)" in printed and "+ fine-tuned" in printed
-    # The console holds the six-step outline, one table and the paths; the details are in the run logs.
-    assert all(f"[{step}/6]" in printed for step in range(1, 7))
+    assert "pretrained backbone (zero-shot)" in printed
+    # The console holds the seven-step outline, one table and the paths; the details are in the run logs.
+    assert all(f"[{step}/7]" in printed for step in range(1, 8)) and "/6]" not in printed
     assert printed.count("mINP") == 1 and len(printed.splitlines()) <= 30, printed
     assert " INFO " not in logged and "evaluated in" not in printed + logged, logged
     for run in ("pretrain", "finetune"):
@@ -46,7 +47,12 @@ def test_small_demo_runs_end_to_end_and_learns(tmp_path, capsys):
     assert "saved" in figures_log
     assert f"checkpoint: {out / 'finetune' / 'best_CUHK-PEDES.pth'}" in figures_log  # the run's selected checkpoint
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"random init (chance)", "GA-DMS pretrained, direct transfer", "+ fine-tuned (IRRA recipe)"}
+    assert set(results) == {"random init (chance)", "pretrained backbone (zero-shot)",
+                            "GA-DMS pretrained, direct transfer", "+ fine-tuned (IRRA recipe)"}
+    # GA-DMS pretraining started from the backbone the demo made (and cached).
+    backbone = load_config(str(out / "pretrain" / "config.yaml")).model.clip.pretrained
+    assert backbone and list(cache.glob("*.pt")) == [demo.Path(backbone)]
+    assert "loaded CLIP weights from" in (out / "pretrain" / "train.log").read_text()
     for row in results.values():
         assert 0 <= row["R1"] <= row["R5"] <= row["R10"] <= 100
     for name in ("gass_tokens.png", "retrieval.png", "curves_pretrain.png", "curves_finetune.png"):

@@ -12,6 +12,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datasets import build_dataset
+from datasets.bases import open_image
+from datasets.transforms import build_transforms
 from model import build_model
 from model.tokenizer import Tokenizer
 from processor import noise_detection as nd
@@ -164,3 +166,55 @@ def test_no_noise_records_without_ground_truth_or_evaluation(synthetic_root, tmp
                                  "data.batch_size=16"])
     Trainer(cfg, PretrainTask()).train()
     assert all(json.loads(line)["type"] != "noise_auc" for line in (run / "metrics.jsonl").read_text().splitlines())
+
+
+def test_occlusion_scores_match_deleting_each_token(synthetic_root):
+    cfg = load_config(PRETRAIN)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    ids = Tokenizer().tokenize(["a man in a red coat", "a woman with long hair and a blue skirt ."], 77)
+    feats = torch.randn(2, model.embed_dim)
+    scores = nd.occlusion_scores(model, feats, ids)
+    torch.set_grad_enabled(False)
+    try:
+        _check_deletions(model, feats, ids, scores)
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def _check_deletions(model, feats, ids, scores):
+    for row in range(2):
+        eot = int(ids[row].argmax())
+        full = torch.nn.functional.cosine_similarity(model.encode_text(ids[row:row + 1]), feats[row:row + 1])
+        for j in range(ids.shape[1]):
+            if not 0 < j < eot:
+                assert scores[row, j] == 0
+                continue
+            kept = torch.cat([ids[row, :j], ids[row, j + 1:], torch.zeros(1, dtype=ids.dtype)]).unsqueeze(0)
+            dropped = torch.nn.functional.cosine_similarity(model.encode_text(kept), feats[row:row + 1])
+            assert float(scores[row, j]) == pytest.approx(float(full - dropped), abs=1e-5)
+
+
+def test_clean_preference_matches_one_caption_at_a_time(synthetic_root):
+    cfg = load_config(PRETRAIN)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    got = nd.clean_preference(model, str(synthetic_root), image_size=cfg.model.clip.image_size,
+                              annotation="shards", batch_size=7)
+    report = nd.load_noise_report(str(synthetic_root))
+    source = nd.CaptionSource(build_dataset("WebPerson", str(synthetic_root), annotation="shards"), "train")
+    tokenizer = Tokenizer()
+    transform = build_transforms(tuple(cfg.model.clip.image_size), is_train=False)
+    wins: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for key, entry in nd.match_noise_entries(report, "WebPerson", source).items():
+            caption, path, _ = source.get(key)
+            image = model.encode_image(transform(open_image(path)).unsqueeze(0))
+            noisy = torch.nn.functional.cosine_similarity(image, model.encode_text(tokenizer.tokenize(caption, 77)))
+            clean = torch.nn.functional.cosine_similarity(image, model.encode_text(
+                tokenizer.tokenize(entry["clean"], 77)))
+            wins.setdefault(entry["kind"], []).append(float(clean > noisy) + 0.5 * float(clean == noisy))
+    expected = nd.summarize_aucs(wins)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=0.02)  # batching may flip a near-tie

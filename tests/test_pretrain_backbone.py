@@ -158,7 +158,9 @@ def test_tool_reports_zero_shot_and_noise_detection(made, synthetic_root, tmp_pa
     assert backbone.main(argv) == 0
     printed = capsys.readouterr().out
     assert "pretrained backbone (zero-shot), test t2i" in printed and "trained in" in printed
-    for scorer in ("gass", "css", "random"):
+    assert "clean caption closer to the image than its corrupted version: all " in printed
+    assert "GASS on the last 2 of 4 text layers" in printed
+    for scorer in ("gass", "css", "occlusion", "random"):
         assert re.search(rf"^{scorer} +[01]\.\d{{3}} ", printed, re.MULTILINE), printed
     assert out.is_file()
     assert backbone.main(argv + ["--no-eval"]) == 0  # reused, and the same --out is fine

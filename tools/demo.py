@@ -5,11 +5,14 @@
     python tools/demo.py --small    # a faster, smaller run (what the tests use)
 
 Steps: (1) generate the synthetic corpus (pedestrian renders, captions with
-MLLM-style noise) unless it is already there; (2) score a randomly initialised
-model (chance level); (3) pretrain the tiny CLIP with GA-DMS on the synthetic
-WebPerson corpus, evaluating direct transfer on the synthetic benchmark each
-epoch; (4) fine-tune with the IRRA recipe; (5) evaluate and print the final
-table; (6) draw figures (GASS token scores, retrieval results, training curves).
+MLLM-style noise) unless it is already there; (2) make (or reuse) the pretrained
+tiny CLIP backbone (tools/pretrain_backbone.py: CLIP's own contrastive recipe on a
+generic synthetic corpus, cached in --backbone-cache) and score it zero-shot;
+(3) score a randomly initialised model (chance level); (4) GA-DMS pretraining of
+that backbone on the synthetic WebPerson corpus, evaluating direct transfer on the
+synthetic benchmark each epoch; (5) fine-tune with the IRRA recipe; (6) evaluate
+and print the final table; (7) draw figures (GASS token scores, retrieval results,
+training curves).
 Everything lands in one folder (default runs/demo), which is replaced on each run.
 The console shows these steps, the final table and the figure paths; the details
 (per-epoch logs, evaluation tables, the figure tools' output) go to each run's
@@ -31,7 +34,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,6 +50,7 @@ from processor.evaluate import build_evaluator  # noqa: E402
 from processor.finetune import FinetuneTask  # noqa: E402
 from processor.pretrain import PretrainTask  # noqa: E402
 from tools.common import ToolError, run_tool  # noqa: E402
+from tools.pretrain_backbone import DEFAULT_CACHE, make_backbone, settings_for, zero_shot  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 from utils.metrics import format_table  # noqa: E402
@@ -61,19 +65,21 @@ DEMO_MARKER = ".gadms-demo"
 
 @dataclass(frozen=True)
 class DemoSize:
-    """Synthetic data sizes, epochs of both stages and config overrides of one demo size."""
+    """Synthetic data sizes, epochs of both stages, config overrides and backbone settings of one demo size."""
 
     data: dict
     pretrain_epochs: int
     finetune_epochs: int
     overrides: tuple[str, ...] = ()
+    backbone: dict = field(default_factory=dict)
 
 
 SIZES = {
     "full": DemoSize(dict(identities=100, images_per_id=4, val_ids=25, test_ids=25, webperson_images=600), 6, 3),
     "small": DemoSize(dict(identities=24, images_per_id=3, val_ids=8, test_ids=8, webperson_images=96), 2, 8,
-                      ("data.batch_size=16",)),
+                      ("data.batch_size=16",), dict(images=64, batch_size=16, epochs=1, warmup_steps=1)),
 }
+STEPS = 7
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,6 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--small", action="store_true", help="smaller data and fewer epochs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--no-figures", action="store_true", help="skip drawing the PNG figures")
+    parser.add_argument("--backbone-cache", default=str(DEFAULT_CACHE),
+                        help="where the pretrained tiny CLIP is kept (made on the first demo, reused after)")
     return parser.parse_args(argv)
 
 
@@ -107,9 +115,9 @@ def ensure_data(root: Path, config: SyntheticConfig) -> None:
         datasets.synthetic.OutputExistsError: `root` holds files the generator did not make.
     """
     if data_matches(root, config):
-        print(f"[1/6] synthetic data: reusing {root}")
+        print(f"[1/{STEPS}] synthetic data: reusing {root}")
         return
-    print(f"[1/6] synthetic data: generating into {root} ...", flush=True)
+    print(f"[1/{STEPS}] synthetic data: generating into {root} ...", flush=True)
     start = time.time()
     counts = generate(root, config, workers=2, overwrite=True)
     bench, web = counts["benchmark"], counts["webperson"]
@@ -193,7 +201,7 @@ def prepare_folders(out: Path, data: Path, config: SyntheticConfig, small: bool)
 
 
 def run(args: argparse.Namespace) -> int:
-    """The six demo steps; returns the exit status."""
+    """The demo steps; returns the exit status."""
     size = SIZES["small" if args.small else "full"]
     pre_epochs, fine_epochs = size.pretrain_epochs, size.finetune_epochs
     out, data = Path(args.out), Path(args.data)
@@ -202,15 +210,25 @@ def run(args: argparse.Namespace) -> int:
     start = time.time()
     ensure_data(data, data_config)
 
-    common = [f"data.root={data}", "eval.root=", "train.resume=", *size.overrides]
-    pre_cfg = load_config(PRETRAIN, common + [f"output_dir={out / 'pretrain'}", f"solver.epochs={pre_epochs}"])
     setup_logging(None, console_level=logging.WARNING)
-    apply_threads(pre_cfg.num_threads, data_workers=pre_cfg.data.num_workers)
+    apply_threads(0)
     device = torch.device("cpu")
-    print("[2/6] chance level: evaluating a randomly initialised model ...", flush=True)
-    chance = random_baseline(pre_cfg, device)
+    settings, exclude = settings_for(data, **size.backbone)
+    print(f"[2/{STEPS}] pretrained backbone (CLIP recipe on a generic synthetic corpus): "
+          f"{Path(args.backbone_cache) / settings.file_name()} ...", flush=True)
+    backbone, record = make_backbone(settings, args.backbone_cache, exclude=exclude, workers=2)
+    zero = zero_shot(backbone, str(data), device)
+    print(f"      {'made' if record['trained'] else 'reused'} at {time.time() - start:.0f}s; zero-shot R1 "
+          f"{zero['R1']:.2f}")
 
-    print(f"[3/6] GA-DMS pretraining on synthetic WebPerson: {pre_epochs} epochs "
+    base = [f"data.root={data}", "eval.root=", "train.resume=", *size.overrides]
+    common = [*base, f"model.clip.pretrained={backbone}"]
+    pre_cfg = load_config(PRETRAIN, common + [f"output_dir={out / 'pretrain'}", f"solver.epochs={pre_epochs}"])
+    apply_threads(pre_cfg.num_threads, data_workers=pre_cfg.data.num_workers)
+    print(f"[3/{STEPS}] chance level: evaluating a randomly initialised model ...", flush=True)
+    chance = random_baseline(load_config(PRETRAIN, base), device)
+
+    print(f"[4/{STEPS}] GA-DMS pretraining of the backbone on synthetic WebPerson: {pre_epochs} epochs "
           f"(log: {out / 'pretrain' / 'train.log'}) ...", flush=True)
     pre = Trainer(pre_cfg, PretrainTask())
     pre_best = pre.train()
@@ -219,9 +237,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"      done at {time.time() - start:.0f}s; direct transfer R1 {best_test(pre_best).get('R1', 0):.2f}")
 
-    fine_cfg = load_config(FINETUNE, common + [f"output_dir={out / 'finetune'}", f"solver.epochs={fine_epochs}",
+    fine_cfg = load_config(FINETUNE, base + [f"output_dir={out / 'finetune'}", f"solver.epochs={fine_epochs}",
                                                f"model.finetune={out / 'pretrain' / 'last.pth'}"])
-    print(f"[4/6] fine-tuning (IRRA recipe) on the synthetic benchmark: {fine_epochs} epochs "
+    print(f"[5/{STEPS}] fine-tuning (IRRA recipe) on the synthetic benchmark: {fine_epochs} epochs "
           f"(log: {out / 'finetune' / 'train.log'}) ...", flush=True)
     fine = Trainer(fine_cfg, FinetuneTask())
     fine_best = fine.train()
@@ -229,8 +247,9 @@ def run(args: argparse.Namespace) -> int:
         print("interrupted during fine-tuning", file=sys.stderr)
         return 1
 
-    print("[5/6] results on the synthetic CUHK-PEDES-format test split (text -> image):")
+    print(f"[6/{STEPS}] results on the synthetic CUHK-PEDES-format test split (text -> image):")
     rows = {"random init (chance)": chance,
+            "pretrained backbone (zero-shot)": zero,
             "GA-DMS pretrained, direct transfer": best_test(pre_best),
             "+ fine-tuned (IRRA recipe)": best_test(fine_best)}
     print(format_table({k: v for k, v in rows.items() if v}))
@@ -238,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
 
     figures: list[Path] = []
     if not args.no_figures:
-        print(f"[6/6] figures (details: {out / 'figures' / 'figures.log'}) ...", flush=True)
+        print(f"[7/{STEPS}] figures (details: {out / 'figures' / 'figures.log'}) ...", flush=True)
         figures = draw_figures(out, data, out / "pretrain", out / "finetune")
     print(f"done in {time.time() - start:.0f}s. Outputs in {out}/:")
     print(f"  runs:        {out / 'pretrain'}  {out / 'finetune'}  (checkpoints, train.log, metrics.jsonl, tb/)")

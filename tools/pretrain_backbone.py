@@ -57,7 +57,13 @@ from model.objectives import itc_loss  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from processor.evaluate import build_evaluator  # noqa: E402
 from processor.inference import load_for_evaluation  # noqa: E402
-from processor.noise_detection import NOISE_KINDS, load_noise_report, noise_detection_auc, summarize_aucs  # noqa: E402
+from processor.noise_detection import (  # noqa: E402
+    NOISE_KINDS,
+    clean_preference,
+    load_noise_report,
+    noise_detection_auc,
+    summarize_aucs,
+)
 from tools.common import ToolError, run_tool  # noqa: E402
 from utils.checkpoint import atomic_save, atomic_write  # noqa: E402
 from utils.config import Config, load_config  # noqa: E402
@@ -144,6 +150,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where backbones are kept by settings hash")
     parser.add_argument("--workers", type=int, default=2, help="processes drawing the corpus (no effect on results)")
     parser.add_argument("--no-eval", action="store_true", help="skip the zero-shot evaluation on --data")
+    parser.add_argument("overrides", nargs="*",
+                        help="overrides of the evaluation config (configs/demo/tiny_pretrain.yaml), key=value, "
+                             "e.g. gass.num_layers=4 gass.attn_norm=attention")
     return parser.parse_args(argv)
 
 
@@ -328,30 +337,36 @@ def settings_for(data: str | os.PathLike | None, **overrides: Any) -> tuple[Back
 # --------------------------------------------------------------------------- evaluation
 
 
-def eval_config(data: str, backbone: str | os.PathLike = "") -> Config:
-    """The demo's GA-DMS pretraining config on `data`, starting from `backbone`."""
-    return load_config(str(CONFIG), [f"data.root={data}", "eval.root=", f"model.clip.pretrained={backbone}"])
+def eval_config(data: str, overrides: Sequence[str] = ()) -> Config:
+    """The demo's GA-DMS pretraining config on `data` (its image size, text length and GASS settings)."""
+    return load_config(str(CONFIG), [f"data.root={data}", "eval.root=", *overrides])
 
 
-def zero_shot(path: str | os.PathLike, data: str, device: torch.device | str = "cpu") -> dict[str, float]:
+def zero_shot(path: str | os.PathLike, data: str, device: torch.device | str = "cpu",
+              overrides: Sequence[str] = ()) -> dict[str, float]:
     """Text-to-image metrics of the backbone file on the synthetic benchmark's test split (loaded as
     `tools/test.py` loads a CLIP file)."""
-    cfg = eval_config(data)
+    cfg = eval_config(data, overrides)
     model = load_for_evaluation(cfg, path).to(device).eval()
     split = build_dataset("CUHK-PEDES", data).test
     with torch.inference_mode():
         return build_evaluator(cfg, {"test": split}, device).evaluate(model)["test"]["t2i"]
 
 
-def backbone_noise_auc(path: str | os.PathLike, data: str, device: torch.device | str = "cpu"
-                       ) -> dict[str, dict[str, float]]:
-    """GASS / CSS / random noise-detection AUC of the backbone file (the demo config's GASS settings)."""
-    cfg = eval_config(data)
+def backbone_noise_auc(path: str | os.PathLike, data: str, device: torch.device | str = "cpu",
+                       overrides: Sequence[str] = ()) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Noise detection by the backbone file with the evaluation config's GASS settings.
+
+    Returns:
+        (scorer -> AUC summary for GASS, CSS, occlusion and random scores; per kind, the
+        share of corrupted captions whose clean version matches the image better).
+    """
+    cfg = eval_config(data, overrides)
     model = load_for_evaluation(cfg, path).to(device)
-    aucs = noise_detection_auc(model, data, image_size=cfg.model.clip.image_size, annotation=cfg.data.annotation,
-                               text_length=cfg.data.text_length, batch_size=cfg.data.batch_size, device=device,
-                               scorers=("gass", "css", "random"), seed=cfg.seed)
-    return {name: summarize_aucs(per_kind) for name, per_kind in aucs.items()}
+    kwargs = dict(image_size=cfg.model.clip.image_size, annotation=cfg.data.annotation,
+                  text_length=cfg.data.text_length, batch_size=cfg.data.batch_size, device=device)
+    aucs = noise_detection_auc(model, data, scorers=("gass", "css", "occlusion", "random"), seed=cfg.seed, **kwargs)
+    return {name: summarize_aucs(per_kind) for name, per_kind in aucs.items()}, clean_preference(model, data, **kwargs)
 
 
 def format_auc_table(results: dict[str, dict[str, float]]) -> str:
@@ -399,11 +414,17 @@ def run(args: argparse.Namespace) -> int:
         _copy_out(path, args.out)
         print(f"written to {args.out}")
     if args.data is not None and not args.no_eval:
-        metrics = zero_shot(path, args.data)
+        metrics = zero_shot(path, args.data, overrides=args.overrides)
         print(format_table({"pretrained backbone (zero-shot), test t2i": metrics}))
         if load_noise_report(args.data) is not None:
-            print("noise detection (per-caption AUC of clean over corrupted words; 0.5 = chance):")
-            print(format_auc_table(backbone_noise_auc(path, args.data)))
+            aucs, preference = backbone_noise_auc(path, args.data, overrides=args.overrides)
+            gass = eval_config(args.data, args.overrides).gass
+            print(f"noise detection (per-caption AUC of clean over corrupted words; 0.5 = chance; GASS on the last "
+                  f"{gass.num_layers} of {clip_preset(settings.arch)['transformer_layers']} text layers, "
+                  f"attn_norm {gass.attn_norm}, normalize {gass.normalize}):")
+            print(format_auc_table(aucs))
+            print("clean caption closer to the image than its corrupted version: "
+                  + ", ".join(f"{k} {preference[k]:.3f}" for k in ("all", *NOISE_KINDS)))
     return 0
 
 
