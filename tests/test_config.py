@@ -180,9 +180,9 @@ def test_every_shipped_yaml_binds_to_real_builders():
     from model.clip import clip_preset
     from model.gass import ATTN_NORMS, NORMALIZATIONS
     from model.objectives import parse_loss_names
-    from processor.engine import PRECISIONS
     from solver.lr_scheduler import SCHEDULE_MODES, WARMUP_METHODS
     from solver.optim import OPTIMIZERS
+    from utils.device import PRECISIONS
 
     for f in sorted((REPO / "configs").rglob("*.yaml")):
         cfg = load_config(f)

@@ -222,9 +222,10 @@ def test_enumerations_match_the_code_that_reads_them():
     from datasets.score_cache import REFRESH_POLICIES
     from model.build import SCORINGS
     from model.gass import ATTN_NORMS, NORMALIZATIONS
-    from processor.engine import EVAL_SPLITS, PRECISIONS
+    from processor.engine import EVAL_SPLITS
     from solver.lr_scheduler import WARMUP_METHODS
     from tools.train import TASKS
+    from utils.device import PRECISIONS
 
     code = {"task": tuple(TASKS), "precision": tuple(PRECISIONS), "data.sampler": SAMPLERS, "masking.mlm": MLM_MODES,
             "gass.scoring": SCORINGS, "gass.attn_norm": ATTN_NORMS, "gass.normalize": NORMALIZATIONS,
@@ -237,7 +238,7 @@ def test_enumerations_match_the_code_that_reads_them():
 
 
 def test_device_rule_accepts_what_resolve_device_understands():
-    from processor.engine import resolve_device
+    from utils.device import resolve_device
 
     for spec in ("auto", "cpu"):
         load_config(None, [f"device={spec}"])

@@ -43,11 +43,11 @@ from datasets.bases import IMAGE_EXTENSIONS, TAR_SEPARATOR, ImageReadError, open
 from datasets.build import ImageDataset  # noqa: E402
 from datasets.transforms import build_transforms  # noqa: E402
 from model.tokenizer import Tokenizer, cleans_to_empty  # noqa: E402
-from processor.engine import resolve_device  # noqa: E402
 from processor.inference import load_for_evaluation  # noqa: E402
 from tools.common import ToolError, run_tool  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.config import Config, ConfigError, load_config  # noqa: E402
+from utils.device import resolve_device  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 from utils.output_paths import check_output_path  # noqa: E402
 from utils.threads import apply_threads  # noqa: E402

@@ -27,13 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from datasets import build_dataset  # noqa: E402
-from processor.engine import resolve_device  # noqa: E402
-from processor.evaluate import append_metrics, build_evaluator  # noqa: E402
+from processor.evaluate import build_evaluator  # noqa: E402
 from processor.inference import load_for_evaluation  # noqa: E402
 from tools.common import ToolError, run_tool  # noqa: E402
 from utils.config import load_config  # noqa: E402
+from utils.device import resolve_device  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 from utils.metrics import format_table  # noqa: E402
+from utils.metrics_log import append_metrics  # noqa: E402
 from utils.output_paths import check_output_path  # noqa: E402
 from utils.threads import apply_threads  # noqa: E402
 
