@@ -72,6 +72,10 @@ def test_readme_has_the_quickstart_and_many_commands():
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python ")])
 def test_python_tool_commands_parse(command):
     _, argv = split(command)
+    if argv[1] == "-m":  # a module of the repository run as a script
+        path = REPO / (argv[2].replace(".", "/") + ".py")
+        assert path.is_file() and 'if __name__ == "__main__":' in path.read_text(), f"not runnable: {command}"
+        return
     assert argv[1].startswith("tools/") and argv[1].endswith(".py"), f"not a tool command: {command}"
     name = Path(argv[1]).stem
     assert (REPO / "tools" / f"{name}.py").is_file(), f"{command}: no tools/{name}.py"
