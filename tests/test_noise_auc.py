@@ -175,11 +175,8 @@ def test_occlusion_scores_match_deleting_each_token(synthetic_root):
     ids = Tokenizer().tokenize(["a man in a red coat", "a woman with long hair and a blue skirt ."], 77)
     feats = torch.randn(2, model.embed_dim)
     scores = nd.occlusion_scores(model, feats, ids)
-    torch.set_grad_enabled(False)
-    try:
+    with torch.no_grad():
         _check_deletions(model, feats, ids, scores)
-    finally:
-        torch.set_grad_enabled(True)
 
 
 def _check_deletions(model, feats, ids, scores):

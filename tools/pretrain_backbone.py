@@ -201,7 +201,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     # As CLIP: decay the weight matrices only (not gains, biases, embeddings, the temperature).
     decay, rest = [], []
     for name, param in model.named_parameters():
-        matrix = param.ndim >= 2 and "embedding" not in name and not name.endswith("class_embedding")
+        matrix = param.ndim >= 2 and "embedding" not in name
         (decay if matrix else rest).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
