@@ -96,7 +96,13 @@ def test_backbone_file_has_openai_keys_and_loads_like_openai_weights(made, caplo
     assert "ignoring logit_scale" in caplog.text
     # The same weights as the trainer's, trained again from the same corpus.
     images, ids = backbone.corpus_tensors(settings, exclude, backbone.Tokenizer())
-    trained, logit_scale, history = backbone.train_backbone(settings, images, ids)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the training's own count (settings.threads = 1)
+    try:
+        trained, logit_scale, history = backbone.train_backbone(settings, images, ids)
+        assert torch.get_num_threads() == 2  # restored afterwards
+    finally:
+        torch.set_num_threads(threads)
     assert history == record["history"] and torch.equal(logit_scale, state["logit_scale"])
     for key, value in trained.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
@@ -116,7 +122,7 @@ def test_cache_hit_and_another_file_for_other_settings(made, monkeypatch):
     monkeypatch.setattr(backbone, "train_backbone", no_training)
     again, record = backbone.make_backbone(settings, cache, exclude=exclude)
     assert again == path and not record["trained"] and path.read_bytes() == before
-    for changed in (dict(seed=1), dict(epochs=2), dict(images=64)):
+    for changed in (dict(seed=1), dict(epochs=2), dict(images=64), dict(threads=2)):
         other = backbone.BackboneSettings(**{**settings.to_dict(), "image_size": settings.image_size,
                                              "render_size": settings.render_size, **changed})
         assert other.file_name() != path.name
