@@ -72,8 +72,8 @@ def test_readme_has_the_quickstart_and_many_commands():
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python ")])
 def test_python_tool_commands_parse(command):
     _, argv = split(command)
-    if argv[1] == "-m":  # a module of the repository run as a script
-        path = REPO / (argv[2].replace(".", "/") + ".py")
+    if argv[1] == "-m" or argv[1].startswith("bench/"):  # a module or a benchmark of the repository
+        path = REPO / (argv[2].replace(".", "/") + ".py" if argv[1] == "-m" else argv[1])
         assert path.is_file() and 'if __name__ == "__main__":' in path.read_text(), f"not runnable: {command}"
         return
     assert argv[1].startswith("tools/") and argv[1].endswith(".py"), f"not a tool command: {command}"
