@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from processor.engine import Task, Trainer
-from processor.evaluate import append_metrics
 from processor.noise_detection import load_noise_report, noise_detection_auc, summarize_aucs
 from utils import comm
 from utils.checkpoint import atomic_write
 from utils.config import Config
+from utils.metrics_log import append_metrics
 
 logger = logging.getLogger(__name__)
 
