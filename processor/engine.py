@@ -104,13 +104,23 @@ class Task:
     """What differs between pretraining and fine-tuning. Subclasses override the hooks."""
 
     name = "train"
+    #: Kinds of metrics.jsonl record the task writes per epoch, besides "train" and "eval":
+    #: a resumed run drops those of the epochs it redoes.
+    epoch_records: tuple[str, ...] = ()
 
     def build_model(self, cfg: Config, num_classes: int) -> nn.Module:
         """The model with its initial weights (called before the optimizer is built)."""
         return build_model(cfg, num_classes=num_classes)
 
+    def before_train(self, trainer: Trainer) -> None:
+        """Called on every rank before the first step of a fresh run (not when resuming)."""
+
     def after_step(self, trainer: Trainer, batch: Mapping[str, Any], out: Mapping[str, torch.Tensor]) -> None:
         """Called on every rank after each optimisation step."""
+
+    def after_epoch(self, trainer: Trainer, epoch: int) -> None:
+        """Called on every rank after each finished epoch: after the lr step and the evaluation,
+        before `last` is saved (not for an epoch interrupted by a stop request)."""
 
 
 class Trainer:
@@ -266,7 +276,9 @@ class Trainer:
         if comm.is_main_process():
             # Epochs about to be (re)done write new records: drop the old ones, whether this run
             # resumes or restarts after dying before its first checkpoint (one history per run).
-            dropped = supersede_metrics(self.run_dir, self.start_epoch)
+            # A fresh run also redoes what a task records before its first epoch (epoch -1).
+            dropped = supersede_metrics(self.run_dir, self.start_epoch if self.global_step else -1,
+                                        kinds=("train", "eval", *self.task.epoch_records))
             if dropped:
                 logger.info("metrics.jsonl: %d record(s) of epoch >= %d superseded", dropped, self.start_epoch)
 
@@ -287,6 +299,8 @@ class Trainer:
         cfg = self.cfg
         end = cfg.solver.epochs if until_epoch is None else min(until_epoch, cfg.solver.epochs)
         with GracefulExit() as stop:
+            if self.global_step == 0 and self.start_epoch == 0 and self.skip_batches == 0:
+                self.task.before_train(self)
             for epoch in range(self.start_epoch, end):
                 if self.score_cache is not None:
                     self.score_cache.begin_epoch(epoch)
@@ -302,6 +316,7 @@ class Trainer:
                 self.scheduler.step()
                 if self.evaluator is not None and (epoch + 1) % cfg.eval.period == 0:
                     self.evaluate_and_select(epoch)
+                self.task.after_epoch(self, epoch)
                 if (epoch + 1) % cfg.train.checkpoint_period == 0 or epoch + 1 == cfg.solver.epochs:
                     self.save("last", epoch)
         if self.writer is not None:

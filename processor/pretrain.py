@@ -16,9 +16,7 @@ that evaluates direct transfer (`eval.period`). Records go to `metrics.jsonl`
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,7 +25,6 @@ import torch
 from processor.engine import Task, Trainer
 from processor.noise_detection import load_noise_report, noise_detection_auc, summarize_aucs
 from utils import comm
-from utils.checkpoint import atomic_write
 from utils.config import Config
 from utils.metrics_log import append_metrics
 
@@ -49,34 +46,14 @@ def measure_noise_detection(model: torch.nn.Module, cfg: Config, device: torch.d
     return {name: summarize_aucs(per_kind) for name, per_kind in aucs.items()}
 
 
-def _drop_records(run_dir: str, from_epoch: int) -> None:
-    """Remove this task's noise records of epoch >= `from_epoch` (a redone epoch writes them again)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-
-    def redone(line: str) -> bool:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            return False
-        return isinstance(record, dict) and record.get("type") == NOISE_RECORD and \
-            isinstance(record.get("epoch"), int) and record["epoch"] >= from_epoch
-
-    kept = [line for line in lines if not redone(line)]
-    if len(kept) != len(lines):
-        atomic_write(path, lambda f: f.write("".join(kept).encode("utf-8")))
-
-
 class PretrainTask(Task):
     """GA-DMS pretraining: SDM on noise-masked captions + informative MLM, GASS every step."""
 
     name = "pretrain"
 
+    epoch_records = (NOISE_RECORD,)
+
     def __init__(self) -> None:
-        self._initial_noise: dict[str, dict[str, float]] | None = None
         self._measures_noise = False
 
     def build_model(self, cfg: Config, num_classes: int) -> torch.nn.Module:
@@ -84,39 +61,26 @@ class PretrainTask(Task):
         if cfg.model.finetune:
             raise ValueError("model.finetune is set in a pretraining config; use task=finetune "
                              "(or clear model.finetune) — pretraining starts from model.clip.pretrained")
-        model = super().build_model(cfg, num_classes)
         self._measures_noise = (cfg.data.name == "WebPerson" and cfg.eval.period > 0
                                 and load_noise_report(cfg.data.root) is not None)
+        return super().build_model(cfg, num_classes)
+
+    def before_train(self, trainer: Trainer) -> None:
         if self._measures_noise and comm.is_main_process():
-            # The initial weights (the backbone before GA-DMS); logged once the run's writers exist.
-            self._initial_noise = measure_noise_detection(model, cfg)
-        return model
+            # The initial weights: the backbone before GA-DMS.
+            self._log_noise(trainer, -1, 0, measure_noise_detection(trainer.model, trainer.cfg, trainer.device))
 
     def after_step(self, trainer: Trainer, batch: Mapping[str, Any], out: Mapping[str, torch.Tensor]) -> None:
         if trainer.score_cache is not None and "gass_scores" in out:
             trainer.score_cache.update(batch["index"], out["gass_scores"])
-        if not self._measures_noise or not comm.is_main_process():
-            return
-        if self._initial_noise is not None:
-            if trainer.global_step == 1:  # a fresh run; a resumed one logged it already
-                self._log_noise(trainer, -1, 0, self._initial_noise)
-            self._initial_noise = None
-        steps = self._epoch_steps(trainer)
-        epoch = trainer.global_step // steps - 1
-        # The engine has no end-of-epoch hook: the epoch's last step is recognised by its number.
-        if trainer.global_step % steps == 0 and (epoch + 1) % trainer.cfg.eval.period == 0:
+
+    def after_epoch(self, trainer: Trainer, epoch: int) -> None:
+        if self._measures_noise and comm.is_main_process() and (epoch + 1) % trainer.cfg.eval.period == 0:
             self._log_noise(trainer, epoch, trainer.global_step,
                             measure_noise_detection(trainer.model, trainer.cfg, trainer.device))
 
     @staticmethod
-    def _epoch_steps(trainer: Trainer) -> int:
-        cfg = trainer.cfg
-        steps = len(trainer.loader.sampler.global_order()) // (cfg.data.batch_size * trainer.world_size)
-        return max(1, min(steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps)
-
-    @staticmethod
     def _log_noise(trainer: Trainer, epoch: int, step: int, results: dict[str, dict[str, float]]) -> None:
-        _drop_records(trainer.run_dir, epoch)
         for scorer, row in results.items():
             append_metrics(trainer.run_dir, {"type": NOISE_RECORD, "epoch": epoch, "step": step, "scorer": scorer,
                                              **{k: v for k, v in row.items() if k != "captions"},

@@ -138,9 +138,8 @@ def test_pretraining_records_noise_detection_before_and_after_each_evaluated_epo
     cfg = load_config(PRETRAIN, [f"data.root={synthetic_root}", "eval.root=", f"output_dir={run}",
                                  "solver.epochs=2", "solver.warmup_epochs=1", "train.max_steps=2",
                                  "data.batch_size=16", "log_period=100"])
-    task = PretrainTask()
-    trainer = Trainer(cfg, task)
-    initial = {name: dict(row) for name, row in task._initial_noise.items()}
+    trainer = Trainer(cfg, PretrainTask())
+    initial = measure_noise_detection(trainer.model, cfg)  # the weights before the first step
     trainer.train()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     noise = [r for r in records if r["type"] == "noise_auc"]
@@ -157,6 +156,37 @@ def test_pretraining_records_noise_detection_before_and_after_each_evaluated_epo
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"noise_auc/gass/all", "noise_auc/css/wrong_attr", "noise_auc/random/irrelevant"} <= tags
+
+
+def test_noise_records_leave_training_unchanged_and_resume_without_duplicates(synthetic_root, tmp_path):
+    """The measurement draws nothing from training's random state; a resumed run redoes its records once."""
+    blind = tmp_path / "no_report"  # the same corpus without its ground truth: no measurement
+    blind.mkdir()
+    for entry in synthetic_root.iterdir():
+        if entry.name != "noise_report.json":
+            (blind / entry.name).symlink_to(entry)
+    overrides = ["eval.root=", "solver.epochs=2", "solver.warmup_epochs=1", "train.max_steps=2",
+                 "data.batch_size=16", "log_period=1"]
+
+    def losses(run):
+        return [(r["epoch"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if r["type"] == "train"]
+
+    measured, plain = tmp_path / "measured", tmp_path / "plain"
+    Trainer(load_config(PRETRAIN, overrides + [f"data.root={synthetic_root}", f"output_dir={measured}"]),
+            PretrainTask()).train()
+    Trainer(load_config(PRETRAIN, overrides + [f"data.root={blind}", f"output_dir={plain}"]), PretrainTask()).train()
+    assert losses(measured) == losses(plain) and len(losses(plain)) == 2
+
+    # Stopped after epoch 0, resumed: one record per (epoch, scorer), epoch 1's written once.
+    resumed = tmp_path / "resumed"
+    cfg = load_config(PRETRAIN, overrides + [f"data.root={synthetic_root}", f"output_dir={resumed}"])
+    Trainer(cfg, PretrainTask()).train(until_epoch=1)
+    Trainer(load_config(str(resumed / "config.yaml")), PretrainTask()).train()
+    noise = [r for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())
+             if r["type"] == "noise_auc"]
+    assert sorted((r["epoch"], r["scorer"]) for r in noise) == sorted(itertools.product((-1, 0, 1), NOISE_SCORERS))
+    assert losses(resumed) == losses(measured)
 
 
 def test_no_noise_records_without_ground_truth_or_evaluation(synthetic_root, tmp_path):

@@ -30,8 +30,10 @@ def append_metrics(run_dir: str | os.PathLike, record: Mapping[str, Any]) -> Non
         os.fsync(f.fileno())
 
 
-def supersede_metrics(run_dir: str | os.PathLike, from_epoch: int) -> int:
-    """Drop the training and evaluation records of epochs >= `from_epoch` from `metrics.jsonl`.
+def supersede_metrics(run_dir: str | os.PathLike, from_epoch: int,
+                      kinds: tuple[str, ...] = ("train", "eval")) -> int:
+    """Drop the records of the per-epoch `kinds` (training and evaluation by default) of
+    epochs >= `from_epoch` from `metrics.jsonl`.
 
     Called when a run resumes at `from_epoch`: those epochs are about to be redone
     and will write new records, so every reader sees one history. Records of
@@ -52,7 +54,7 @@ def supersede_metrics(run_dir: str | os.PathLike, from_epoch: int) -> int:
             continue
         if not isinstance(record, dict):
             continue
-        redone = record.get("type") in ("train", "eval") and isinstance(record.get("epoch"), int) \
+        redone = record.get("type") in kinds and isinstance(record.get("epoch"), int) \
             and record["epoch"] >= from_epoch
         if not redone:
             kept.append(line if line.endswith("\n") else line + "\n")
