@@ -45,7 +45,8 @@ def run_python(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def after_demo(tmp_path_factory) -> Path:
     """A working folder holding what the (small) demo writes: runs/demo/ and data/synthetic/."""
     work = tmp_path_factory.mktemp("walkthrough")
-    result = run_python(["python", "tools/demo.py", "--small"], work)
+    # The backbone cache in the test's folder, not the user's ~/.cache.
+    result = run_python(["python", "tools/demo.py", "--small", "--backbone-cache", str(work / "backbones")], work)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (work / "runs" / "demo" / "finetune" / "config.yaml").is_file()
     assert (work / "data" / "synthetic" / "CUHK-PEDES").is_dir()
