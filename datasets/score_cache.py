@@ -347,7 +347,9 @@ class ScoreCache:
         """Mark the start of ``epoch`` (collective; call before iterating its loader).
 
         Under the "epoch" policy the writer publishes the live scores as the
-        snapshot every reader uses during this epoch. Calling it again for the
+        snapshot every reader uses during this epoch, so every rank must be done
+        reading the previous epoch's scores (in training, the previous epoch's last
+        step is a collective that orders this). Calling it again for the
         current epoch keeps the snapshot: the epoch's masks must all come from
         the scores at its start, also after resuming mid-epoch from a checkpoint.
         """

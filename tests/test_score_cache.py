@@ -270,6 +270,9 @@ def _worker(rank: int, port: int, run_dir: str) -> None:
         "epoch_before": epoch.get(torch.arange(N)),
         "state": step.state_dict()["scores"],
     }
+    # Every rank has read epoch 0's scores before the writer publishes epoch 1's (in training the
+    # last step's collectives order this; here a slow rank 1 would otherwise read the new snapshot).
+    comm.synchronize()
     epoch.begin_epoch(1)
     res["epoch_after"] = epoch.get(torch.arange(N))
     comm.cleanup()
