@@ -249,12 +249,18 @@ class FakeBackend:
             self.requests[digest] += 1
             first = self.requests[digest] == 1
             if digest not in self.behaviour:
-                if REMINDER_MARK in text or kind == "synth":
-                    self.behaviour[digest] = "synth_wrapped" if kind == "synth" and not self.order["synth"] \
-                        else "normal"
+                # A request that repeats an earlier one with a reminder is answered normally and takes no
+                # place in the cycle: otherwise reminders, whose arrival order depends on the scheduler,
+                # could occupy every position of one behaviour and it would never be served.
+                if REMINDER_MARK in text and kind != "synth":
+                    self.behaviour[digest] = "normal"
+                elif kind == "synth":
+                    self.behaviour[digest] = "normal" if self.order["synth"] or REMINDER_MARK in text \
+                        else "synth_wrapped"
+                    self.order[kind] += 1
                 else:
                     self.behaviour[digest] = cycle[self.order[kind] % len(cycle)]
-                self.order[kind] += 1
+                    self.order[kind] += 1
             behaviour = self.behaviour[digest]
             if behaviour in TRANSIENT and not first:
                 behaviour = "normal"

@@ -32,10 +32,13 @@ from tests.curate_fixtures import (
     FAILING,
     IMAGES,
     LEFTOVER_CAPTION,
+    LLM_CYCLE,
     MAX_BYTES,
     ONE_ATTRIBUTE_CAPTION,
+    REMINDER_MARK,
     SYNTH_INVALID,
     VLM_CYCLE,
+    FakeBackend,
     FakeServer,
     fake_template,
     vlm_fill,
@@ -263,6 +266,22 @@ def test_templates_extracted_validated_clustered_and_synthesised(pipeline):
         assert 1 <= len(synth["seeds"]) <= 6 and synth["rejected"]["leftover_specifics"] >= 1
 
 
+def test_fake_server_serves_every_behaviour_whatever_the_reminders_arrival_order():
+    """The fake server's cycle counts distinct first requests only: a reminder that arrives exactly where a
+    behaviour's turn would be (as the scheduler may arrange under load) does not skip that behaviour."""
+    backend = FakeBackend()
+
+    def ask(text: str) -> None:
+        backend.chat({"model": "fake-llm", "messages": [{"role": "user", "content": text}]})
+
+    refusal_turn = LLM_CYCLE.index("refusal")
+    for i in range(len(LLM_CYCLE)):
+        if i == refusal_turn:
+            ask(f"{REMINDER_MARK} <caption>an earlier caption {i}</caption>")
+        ask(f"<caption>caption number {i}</caption>")
+    assert all(backend.served[kind] >= 1 for kind in LLM_CYCLE)
+
+
 def test_caption_two_clean_captions_per_crop(pipeline):
     records = list(iter_records(str(pipeline["caption"])))
     assert len(records) == len({r["key"] for r in records}) == EXPECTED_CROPS
@@ -281,7 +300,7 @@ def test_caption_two_clean_captions_per_crop(pipeline):
             assert 5 <= len(caption.split()) <= CAPTION_WORDS
             assert not re.search(r"[\[\]`\"*]|^caption|sorry", caption, re.I)
     served = pipeline["vlm_served"]
-    assert all(served[kind] >= 1 for kind in VLM_CYCLE)
+    assert all(served[kind] >= 1 for kind in VLM_CYCLE), served
     # Exact accounting: each unusable answer was asked again once; fenced answers and over-long ones
     # with a sentence boundary were repaired without asking again.
     problems = collections.Counter(p for r in records for p in r["problems"])
