@@ -20,8 +20,8 @@ from model import build_model
 from processor.evaluate import build_evaluator
 from processor.inference import load_for_evaluation
 from tests.conftest import REPO, load_tool
-from tools.common import read_records
 from utils.checkpoint import Checkpointer
+from utils.cli import read_records
 from utils.config import load_config, save_config
 from utils.plots import RunCurves, SciFormatter, curves_figure, panel_keys, save_figure
 

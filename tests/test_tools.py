@@ -26,7 +26,7 @@ from model.tokenizer import Tokenizer
 from processor.evaluate import build_evaluator
 from processor.inference import load_for_evaluation
 from tests.conftest import REPO, load_tool
-from tools.common import one_line
+from utils.cli import one_line
 from utils.config import load_config
 from utils.output_paths import OutputPathError, check_output_path, unwritable_reason
 from utils.run_lock import RunDirLock, RunDirUnusableError

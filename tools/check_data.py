@@ -37,7 +37,7 @@ from datasets.webperson import (  # noqa: E402
     find_webperson_dir,
     parquet_summary,
 )
-from tools.common import ToolError, run_tool  # noqa: E402
+from utils.cli import ToolError, run_tool  # noqa: E402
 
 MAX_LISTED = 20
 

@@ -35,8 +35,8 @@ from safetensors.torch import save as safetensors_bytes  # noqa: E402
 from model import build_model  # noqa: E402
 from model.clip import backbone_state_dict, clip_from_state_dict  # noqa: E402
 from model.weights import IncompatibleWeightsError, load_model_weights, unwrap_state_dict  # noqa: E402
-from tools.common import ToolError, run_tool  # noqa: E402
 from utils.checkpoint import FORMAT_VERSION, atomic_save, atomic_write, read_checkpoint, to_weights_only_safe  # noqa: E402
+from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.config import Config, load_config  # noqa: E402
 from utils.output_paths import unwritable_reason  # noqa: E402
 

@@ -30,7 +30,7 @@ from datasets.synthetic import (  # noqa: E402
     render_person,
     sample_identities,
 )
-from tools.common import ToolError, run_tool  # noqa: E402
+from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.output_paths import check_output_path  # noqa: E402
 
 

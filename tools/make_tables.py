@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import yaml  # noqa: E402
 from prettytable import PrettyTable  # noqa: E402
 
-from tools.common import ToolError, read_records, run_tool  # noqa: E402
+from utils.cli import ToolError, read_records, run_tool  # noqa: E402
 from utils.metrics_log import is_number  # noqa: E402
 from utils.output_paths import check_output_path  # noqa: E402
 

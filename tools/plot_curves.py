@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.common import ToolError, read_records, run_tool  # noqa: E402
+from utils.cli import ToolError, read_records, run_tool  # noqa: E402
 from utils.metrics_log import is_number  # noqa: E402
 from utils.output_paths import check_output_path  # noqa: E402
 from utils.plots import FORMATS, LAYOUTS, RETRIEVAL_METRICS, RunCurves, curves_figure, save_figure  # noqa: E402

@@ -54,7 +54,7 @@ from datasets.bases import AnnotationError, ImageReadError  # noqa: E402
 from datasets.bases import read_image_bytes as read_source_bytes  # noqa: E402
 from datasets.synthetic import OutputExistsError, check_claimable, claim_folder  # noqa: E402
 from datasets.webperson import CAPTION_KEYS, PREPARED_MARKER, WebPerson, WebPersonIndex  # noqa: E402
-from tools.common import ToolError, run_tool  # noqa: E402
+from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.threads import available_cores, cgroup_cpu_quota  # noqa: E402
 
 TOOL = "tools/prepare_webperson.py"

@@ -64,8 +64,8 @@ from processor.noise_detection import (  # noqa: E402
     noise_detection_auc,
     summarize_aucs,
 )
-from tools.common import ToolError, run_tool  # noqa: E402
 from utils.checkpoint import atomic_save, atomic_write  # noqa: E402
+from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.config import Config, load_config  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 from utils.metrics import format_table  # noqa: E402

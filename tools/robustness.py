@@ -43,8 +43,8 @@ from datasets import EvalSplit, build_dataset  # noqa: E402
 from datasets.text_noise import DEFAULT_VOCABULARY, NOISE_KINDS, NoisyCaption, corrupt_captions, load_vocabulary  # noqa: E402
 from processor.evaluate import build_evaluator  # noqa: E402
 from processor.inference import load_for_evaluation  # noqa: E402
-from tools.common import ToolError, run_tool  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
+from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402

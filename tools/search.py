@@ -44,8 +44,8 @@ from datasets.build import ImageDataset  # noqa: E402
 from datasets.transforms import build_transforms  # noqa: E402
 from model.tokenizer import Tokenizer, cleans_to_empty  # noqa: E402
 from processor.inference import load_for_evaluation  # noqa: E402
-from tools.common import ToolError, run_tool  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
+from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.config import Config, ConfigError, load_config  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402

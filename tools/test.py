@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 from processor.evaluate import build_evaluator  # noqa: E402
 from processor.inference import load_for_evaluation  # noqa: E402
-from tools.common import ToolError, run_tool  # noqa: E402
+from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from processor.engine import Trainer  # noqa: E402
 from processor.finetune import FinetuneTask  # noqa: E402
 from processor.pretrain import PretrainTask  # noqa: E402
-from tools.common import ToolError, run_tool  # noqa: E402
 from utils import comm  # noqa: E402
+from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.metrics import format_table  # noqa: E402
 

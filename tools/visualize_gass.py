@@ -51,8 +51,8 @@ from processor.noise_detection import (  # noqa: E402
     match_noise_entries,
     token_pieces,
 )
-from tools.common import ToolError, run_tool  # noqa: E402
 from tools.search import check_thumb_height, image_size_of, load_run_model, open_dataset  # noqa: E402
+from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.output_paths import check_output_path  # noqa: E402
 from utils.visualize import (  # noqa: E402
     BLACK,

@@ -34,8 +34,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 from datasets.bases import EvalSplit, ImageReadError, open_image  # noqa: E402
 from processor.evaluate import build_evaluator  # noqa: E402
-from tools.common import ToolError, run_tool  # noqa: E402
 from tools.search import check_thumb_height, image_size_of, load_run_model  # noqa: E402
+from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.output_paths import check_output_path  # noqa: E402
 from utils.visualize import (  # noqa: E402
     BLACK,

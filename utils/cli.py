@@ -1,4 +1,8 @@
-"""What the command-line tools share: the user-facing error and its exit status."""
+"""What the command-line tools share: the user-facing error, its exit status, one-line messages.
+
+Every script in tools/ runs its `run(args)` through :func:`run_tool`; the scripts import
+this module (the library), never one another.
+"""
 
 from __future__ import annotations
 
