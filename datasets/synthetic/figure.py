@@ -186,11 +186,17 @@ class _FigurePainter:
 
     # ---- torso -----------------------------------------------------------
     def draw_torso(self) -> None:
-        a, c, dr = self.a, self.c, self.draw
+        self._draw_bare_torso()
+        hem_y = self._draw_top()
+        self._draw_top_details(hem_y)
+
+    def _draw_bare_torso(self) -> None:
+        """Neck and the skin a sleeveless garment leaves bare (front shoulder caps included)."""
+        dr = self.draw
         cx, k = self.cx, self.depth
         sw, ww, hw = self.sw * k, self.ww * k, self.hw * k
         y_sh = self.y(0.158)
-        skin = c["skin"]
+        skin = self.c["skin"]
         # neck + bare shoulders under sleeveless garments
         dr.rectangle((cx - self.L(0.026), self.y(0.12), cx + self.L(0.026), y_sh + self.L(0.02)), fill=skin)
         bare = [
@@ -209,8 +215,14 @@ class _FigurePainter:
             r = self.arm_t * 0.62
             dr.ellipse((x - r, self.y(0.175) - r, x + r, self.y(0.175) + r), fill=skin)
 
-        top = c["top"]
-        kind = a.top_type
+    def _draw_top(self) -> float:
+        """The top's silhouette (and, from the front, its sleeve caps); returns the hem's height fraction."""
+        dr = self.draw
+        cx, k = self.cx, self.depth
+        sw, ww, hw = self.sw * k, self.ww * k, self.hw * k
+        y_sh = self.y(0.158)
+        top = self.c["top"]
+        kind = self.a.top_type
         hem_y, hem_w = {
             "t-shirt": (0.53, 1.02),
             "long-sleeve": (0.53, 1.02),
@@ -248,6 +260,16 @@ class _FigurePainter:
                 x = cx + s * (sw - self.arm_t * 0.45)
                 r = self.arm_t * 0.58
                 dr.ellipse((x - r, self.y(0.178) - r, x + r, self.y(0.178) + r), fill=top)
+        return hem_y
+
+    def _draw_top_details(self, hem_y: float) -> None:
+        """Back seam, side opening, or neckline / open front / buttons, as the facing shows them."""
+        c, dr = self.c, self.draw
+        cx, hw = self.cx, self.hw * self.depth
+        sw = self.sw * self.depth
+        y_sh = self.y(0.158)
+        skin, top = c["skin"], c["top"]
+        kind = self.a.top_type
         if self.facing == "back":
             if kind == "coat":
                 dr.line([(cx, self.y(0.5)), (cx, self.y(hem_y))], fill=_outline(top), width=2)
@@ -288,70 +310,95 @@ class _FigurePainter:
             )
 
     def draw_head(self) -> None:
-        a, c, dr = self.a, self.c, self.draw
         hx, hy = self.head_c
         r = self.head_r
-        skin, hair = c["skin"], c["hair"]
-        dr.ellipse((hx - r, hy - r * 1.08, hx + r, hy + r), fill=skin, outline=_scale(skin, 0.8), width=1)
-        style = a.hair_style
+        skin = self.c["skin"]
+        self.draw.ellipse((hx - r, hy - r * 1.08, hx + r, hy + r), fill=skin, outline=_scale(skin, 0.8), width=1)
         if self.facing == "back":
-            if style != "bald":
-                dr.ellipse((hx - r * 1.06, hy - r * 1.14, hx + r * 1.06, hy + r * 1.02), fill=hair)
-                if style == "long":
-                    dr.rounded_rectangle(
-                        (hx - 1.22 * r, hy - 0.2 * r, hx + 1.22 * r, self.y(0.27)), radius=r * 0.6, fill=hair
-                    )
-                elif style == "ponytail":
-                    dr.ellipse((hx - 0.42 * r, hy + 0.4 * r, hx + 0.42 * r, hy + 2.1 * r), fill=hair)
+            self._draw_hair_from_back()
         elif self.side:
-            d = self.d
-            if style != "bald":
-                box = (hx - r * 1.07, hy - r * 1.16, hx + r * 1.07, hy + r * 1.02)
-                start, end = (150.0, 345.0) if style == "short" else (105.0, 350.0)
-                if d < 0:
-                    start, end = 180.0 - end, 180.0 - start
-                dr.pieslice(box, start, end, fill=hair)
-                if style == "long":
-                    dr.rounded_rectangle(
-                        (
-                            min(hx - d * 1.12 * r, hx - d * 0.1 * r),
-                            hy - 0.3 * r,
-                            max(hx - d * 1.12 * r, hx - d * 0.1 * r),
-                            self.y(0.26),
-                        ),
-                        radius=r * 0.5,
-                        fill=hair,
-                    )
-                elif style == "ponytail":
-                    tx = hx - d * 1.25 * r
-                    dr.polygon(
-                        [
-                            (hx - d * 0.8 * r, hy - 0.4 * r),
-                            (tx - d * 0.35 * r, hy + 0.2 * r),
-                            (tx, hy + 1.6 * r),
-                            (hx - d * 0.7 * r, hy + 0.3 * r),
-                        ],
-                        fill=hair,
-                    )
-            er = max(1.0, self.L(0.008))
-            ex = hx + d * 0.55 * r
-            dr.ellipse((ex - er, hy - er, ex + er, hy + er), fill=(40, 30, 30))
+            self._draw_head_from_side()
         else:
-            er = max(1.0, self.L(0.008))
-            for s in (-1.0, 1.0):
-                ex = hx + s * 0.36 * r
-                dr.ellipse((ex - er, hy - er, ex + er, hy + er), fill=(40, 30, 30))
-            if style != "bald":
-                dr.pieslice((hx - r * 1.08, hy - r * 1.16, hx + r * 1.08, hy + r * 0.7), 180, 360, fill=hair)
-                if style == "long":
-                    for s in (-1.0, 1.0):
-                        x0, x1 = sorted((hx + s * 0.72 * r, hx + s * 1.22 * r))
-                        dr.rounded_rectangle((x0, hy - 0.45 * r, x1, self.y(0.235)), radius=r * 0.25, fill=hair)
-                else:
-                    for s in (-1.0, 1.0):
-                        x0, x1 = sorted((hx + s * 0.78 * r, hx + s * 1.06 * r))
-                        dr.rectangle((x0, hy - 0.45 * r, x1, hy + 0.15 * r), fill=hair)
+            self._draw_head_from_front()
         self._draw_hat()
+
+    def _draw_hair_from_back(self) -> None:
+        """Hair seen from behind (the face is hidden)."""
+        dr = self.draw
+        hx, hy = self.head_c
+        r = self.head_r
+        hair = self.c["hair"]
+        style = self.a.hair_style
+        if style != "bald":
+            dr.ellipse((hx - r * 1.06, hy - r * 1.14, hx + r * 1.06, hy + r * 1.02), fill=hair)
+            if style == "long":
+                dr.rounded_rectangle(
+                    (hx - 1.22 * r, hy - 0.2 * r, hx + 1.22 * r, self.y(0.27)), radius=r * 0.6, fill=hair
+                )
+            elif style == "ponytail":
+                dr.ellipse((hx - 0.42 * r, hy + 0.4 * r, hx + 0.42 * r, hy + 2.1 * r), fill=hair)
+
+    def _draw_head_from_side(self) -> None:
+        """Hair in profile and the one visible eye."""
+        dr = self.draw
+        hx, hy = self.head_c
+        r = self.head_r
+        hair = self.c["hair"]
+        style = self.a.hair_style
+        d = self.d
+        if style != "bald":
+            box = (hx - r * 1.07, hy - r * 1.16, hx + r * 1.07, hy + r * 1.02)
+            start, end = (150.0, 345.0) if style == "short" else (105.0, 350.0)
+            if d < 0:
+                start, end = 180.0 - end, 180.0 - start
+            dr.pieslice(box, start, end, fill=hair)
+            if style == "long":
+                dr.rounded_rectangle(
+                    (
+                        min(hx - d * 1.12 * r, hx - d * 0.1 * r),
+                        hy - 0.3 * r,
+                        max(hx - d * 1.12 * r, hx - d * 0.1 * r),
+                        self.y(0.26),
+                    ),
+                    radius=r * 0.5,
+                    fill=hair,
+                )
+            elif style == "ponytail":
+                tx = hx - d * 1.25 * r
+                dr.polygon(
+                    [
+                        (hx - d * 0.8 * r, hy - 0.4 * r),
+                        (tx - d * 0.35 * r, hy + 0.2 * r),
+                        (tx, hy + 1.6 * r),
+                        (hx - d * 0.7 * r, hy + 0.3 * r),
+                    ],
+                    fill=hair,
+                )
+        er = max(1.0, self.L(0.008))
+        ex = hx + d * 0.55 * r
+        dr.ellipse((ex - er, hy - er, ex + er, hy + er), fill=(40, 30, 30))
+
+    def _draw_head_from_front(self) -> None:
+        """Both eyes, then the hair framing the face."""
+        dr = self.draw
+        hx, hy = self.head_c
+        r = self.head_r
+        hair = self.c["hair"]
+        style = self.a.hair_style
+        er = max(1.0, self.L(0.008))
+        for s in (-1.0, 1.0):
+            ex = hx + s * 0.36 * r
+            dr.ellipse((ex - er, hy - er, ex + er, hy + er), fill=(40, 30, 30))
+        if style != "bald":
+            dr.pieslice((hx - r * 1.08, hy - r * 1.16, hx + r * 1.08, hy + r * 0.7), 180, 360, fill=hair)
+            if style == "long":
+                for s in (-1.0, 1.0):
+                    x0, x1 = sorted((hx + s * 0.72 * r, hx + s * 1.22 * r))
+                    dr.rounded_rectangle((x0, hy - 0.45 * r, x1, self.y(0.235)), radius=r * 0.25, fill=hair)
+            else:
+                for s in (-1.0, 1.0):
+                    x0, x1 = sorted((hx + s * 0.78 * r, hx + s * 1.06 * r))
+                    dr.rectangle((x0, hy - 0.45 * r, x1, hy + 0.15 * r), fill=hair)
 
     def _draw_hat(self) -> None:
         a, dr = self.a, self.draw
@@ -398,70 +445,90 @@ class _FigurePainter:
         )
 
     def draw_bags_front(self, hand_front: tuple[float, float], hand_side: float) -> None:
-        a, dr = self.a, self.draw
-        if a.bag is None:
+        if self.a.bag is None:
             return
+        if self.a.bag == "backpack":
+            self._draw_backpack_front()
+        elif self.a.bag == "handbag":
+            self._draw_handbag(hand_front)
+        else:
+            self._draw_shoulder_bag(hand_side)
+
+    def _draw_backpack_front(self) -> None:
+        """The backpack seen from behind or the side, or its straps from the front."""
+        dr = self.draw
         col = self.c["bag"]
         edge = _outline(col)
         cx, y = self.cx, self.y
         strap_w = max(2, int(round(self.L(0.03))))
-        if a.bag == "backpack":
-            if self.facing == "back":
-                dr.rounded_rectangle(
-                    (cx - self.L(0.13), y(0.185), cx + self.L(0.13), y(0.47)),
-                    radius=self.L(0.03),
-                    fill=col,
-                    outline=edge,
-                    width=2,
-                )
-                dr.rounded_rectangle(
-                    (cx - self.L(0.09), y(0.34), cx + self.L(0.09), y(0.45)),
-                    radius=self.L(0.02),
-                    fill=_scale(col, 0.85),
-                    outline=edge,
-                    width=1,
-                )
-            elif self.side:
-                back = self.sw * self.depth
-                x0, x1 = sorted((cx - self.d * (back + self.L(0.11)), cx - self.d * (back - self.L(0.02))))
-                dr.rounded_rectangle((x0, y(0.18), x1, y(0.45)), radius=self.L(0.03), fill=col, outline=edge, width=2)
-                dr.line([(cx, y(0.165)), (cx + self.d * back * 0.8, y(0.36))], fill=col, width=strap_w)
-            else:
-                for s in (-1.0, 1.0):
-                    dr.line(
-                        [(cx + s * self.sw * 0.55, y(0.158)), (cx + s * self.sw * 0.62, y(0.40))],
-                        fill=col,
-                        width=strap_w,
-                    )
-        elif a.bag == "handbag":
-            hx, hy = hand_front
-            w, h = self.L(0.06), self.L(0.10)
-            dr.arc((hx - w * 0.55, hy - self.L(0.02), hx + w * 0.55, hy + self.L(0.05)), 180, 360, fill=edge, width=2)
-            dr.polygon(
-                [
-                    (hx - w * 0.8, hy + self.L(0.02)),
-                    (hx + w * 0.8, hy + self.L(0.02)),
-                    (hx + w, hy + h),
-                    (hx - w, hy + h),
-                ],
+        if self.facing == "back":
+            dr.rounded_rectangle(
+                (cx - self.L(0.13), y(0.185), cx + self.L(0.13), y(0.47)),
+                radius=self.L(0.03),
                 fill=col,
                 outline=edge,
                 width=2,
             )
-        else:
-            s = hand_side
-            if self.side:
-                start = (cx - self.d * self.sw * 0.3, y(0.165))
-                bx = cx + self.d * self.sw * 0.55
-            else:
-                start = (cx + s * self.sw * 0.7, y(0.165))
-                bx = cx - s * (self.hw + self.L(0.035))
-            dr.line([start, (bx, y(0.46))], fill=col, width=strap_w)
-            w = self.L(0.062)
             dr.rounded_rectangle(
-                (bx - w, y(0.44), bx + w, y(0.55)), radius=self.L(0.012), fill=col, outline=edge, width=2
+                (cx - self.L(0.09), y(0.34), cx + self.L(0.09), y(0.45)),
+                radius=self.L(0.02),
+                fill=_scale(col, 0.85),
+                outline=edge,
+                width=1,
             )
-            dr.line([(bx - w, y(0.475)), (bx + w, y(0.475))], fill=edge, width=1)
+        elif self.side:
+            back = self.sw * self.depth
+            x0, x1 = sorted((cx - self.d * (back + self.L(0.11)), cx - self.d * (back - self.L(0.02))))
+            dr.rounded_rectangle((x0, y(0.18), x1, y(0.45)), radius=self.L(0.03), fill=col, outline=edge, width=2)
+            dr.line([(cx, y(0.165)), (cx + self.d * back * 0.8, y(0.36))], fill=col, width=strap_w)
+        else:
+            for s in (-1.0, 1.0):
+                dr.line(
+                    [(cx + s * self.sw * 0.55, y(0.158)), (cx + s * self.sw * 0.62, y(0.40))],
+                    fill=col,
+                    width=strap_w,
+                )
+
+    def _draw_handbag(self, hand_front: tuple[float, float]) -> None:
+        """A handbag hanging from the hand at ``hand_front``."""
+        dr = self.draw
+        col = self.c["bag"]
+        edge = _outline(col)
+        hx, hy = hand_front
+        w, h = self.L(0.06), self.L(0.10)
+        dr.arc((hx - w * 0.55, hy - self.L(0.02), hx + w * 0.55, hy + self.L(0.05)), 180, 360, fill=edge, width=2)
+        dr.polygon(
+            [
+                (hx - w * 0.8, hy + self.L(0.02)),
+                (hx + w * 0.8, hy + self.L(0.02)),
+                (hx + w, hy + h),
+                (hx - w, hy + h),
+            ],
+            fill=col,
+            outline=edge,
+            width=2,
+        )
+
+    def _draw_shoulder_bag(self, hand_side: float) -> None:
+        """A shoulder bag across the body; ``hand_side`` (-1 or 1) picks the shoulder of its strap (front, back)."""
+        dr = self.draw
+        col = self.c["bag"]
+        edge = _outline(col)
+        cx, y = self.cx, self.y
+        strap_w = max(2, int(round(self.L(0.03))))
+        s = hand_side
+        if self.side:
+            start = (cx - self.d * self.sw * 0.3, y(0.165))
+            bx = cx + self.d * self.sw * 0.55
+        else:
+            start = (cx + s * self.sw * 0.7, y(0.165))
+            bx = cx - s * (self.hw + self.L(0.035))
+        dr.line([start, (bx, y(0.46))], fill=col, width=strap_w)
+        w = self.L(0.062)
+        dr.rounded_rectangle(
+            (bx - w, y(0.44), bx + w, y(0.55)), radius=self.L(0.012), fill=col, outline=edge, width=2
+        )
+        dr.line([(bx - w, y(0.475)), (bx + w, y(0.475))], fill=edge, width=1)
 
     # ---- whole figure ------------------------------------------------------
     def paint(self) -> None:

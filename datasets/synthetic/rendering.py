@@ -45,55 +45,73 @@ def _background(rng: random.Random, width: int, height: int, horizon: float) -> 
     grad = np.repeat(grad, width, axis=1)
     img = Image.fromarray(np.clip(grad, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
-
-    def clutter_colour() -> RGB:
-        saturated = rng.random() < 0.15
-        return _hsv(
-            rng.random(), rng.uniform(0.55, 0.9) if saturated else rng.uniform(0.03, 0.35), rng.uniform(0.25, 0.92)
-        )
-
     for _ in range(rng.randint(1, 5)):
         kind = rng.choice(("building", "tree", "pole", "blob", "rail"))
-        colour = clutter_colour()
+        colour = _clutter_colour(rng)
         if kind == "building":
-            x0 = rng.uniform(-0.3, 0.9) * width
-            x1 = x0 + rng.uniform(0.25, 0.7) * width
-            y0 = rng.uniform(0.0, 0.8) * horizon
-            draw.rectangle((x0, y0, x1, horizon), fill=colour)
-            window = _scale(colour, rng.choice((0.6, 1.3)))
-            step = rng.uniform(0.08, 0.16) * width
-            y = y0 + step * 0.4
-            while y + step * 0.5 < horizon:
-                x = x0 + step * 0.3
-                while x + step * 0.5 < x1:
-                    draw.rectangle((x, y, x + step * 0.45, y + step * 0.55), fill=window)
-                    x += step
-                y += step
-        elif kind == "tree":
-            x = rng.uniform(0.0, 1.0) * width
-            crown = rng.uniform(0.12, 0.3) * width
-            cy = horizon - rng.uniform(0.3, 0.6) * height * 0.5
-            draw.rectangle(
-                (x - crown * 0.12, cy, x + crown * 0.12, horizon), fill=_hsv(0.08, 0.5, rng.uniform(0.25, 0.5))
-            )
-            draw.ellipse((x - crown, cy - crown * 1.3, x + crown, cy + crown * 0.5), fill=colour)
-        elif kind == "pole":
-            x = rng.uniform(0.0, 1.0) * width
-            w = rng.uniform(0.015, 0.04) * width
-            draw.rectangle(
-                (x, rng.uniform(0.0, 0.5) * horizon, x + w, horizon + rng.uniform(0, 0.05) * height), fill=colour
-            )
-        elif kind == "blob":
-            x = rng.uniform(0.0, 1.0) * width
-            y = rng.uniform(0.1, 1.0) * horizon
-            r = rng.uniform(0.06, 0.25) * width
-            draw.ellipse((x - r, y - r * 0.7, x + r, y + r * 0.7), fill=colour)
+            _draw_building(draw, rng, colour, width, horizon)
         else:
-            y = horizon - rng.uniform(0.05, 0.2) * height
-            draw.line([(0, y), (width, y)], fill=colour, width=max(1, int(0.012 * height)))
-            for x in np.arange(rng.uniform(0, 0.2) * width, width, rng.uniform(0.12, 0.3) * width):
-                draw.line([(float(x), y), (float(x), horizon)], fill=colour, width=max(1, int(0.01 * height)))
+            _draw_clutter(draw, rng, kind, colour, width, height, horizon)
+    _draw_ground(draw, rng, width, height, horizon)
+    return img
 
+
+def _clutter_colour(rng: random.Random) -> RGB:
+    """Mostly a muted colour; now and then a saturated one."""
+    saturated = rng.random() < 0.15
+    return _hsv(
+        rng.random(), rng.uniform(0.55, 0.9) if saturated else rng.uniform(0.03, 0.35), rng.uniform(0.25, 0.92)
+    )
+
+
+def _draw_building(draw: ImageDraw.ImageDraw, rng: random.Random, colour: RGB, width: int, horizon: float) -> None:
+    """A facade standing on the horizon, with a grid of windows."""
+    x0 = rng.uniform(-0.3, 0.9) * width
+    x1 = x0 + rng.uniform(0.25, 0.7) * width
+    y0 = rng.uniform(0.0, 0.8) * horizon
+    draw.rectangle((x0, y0, x1, horizon), fill=colour)
+    window = _scale(colour, rng.choice((0.6, 1.3)))
+    step = rng.uniform(0.08, 0.16) * width
+    y = y0 + step * 0.4
+    while y + step * 0.5 < horizon:
+        x = x0 + step * 0.3
+        while x + step * 0.5 < x1:
+            draw.rectangle((x, y, x + step * 0.45, y + step * 0.55), fill=window)
+            x += step
+        y += step
+
+
+def _draw_clutter(draw: ImageDraw.ImageDraw, rng: random.Random, kind: str, colour: RGB, width: int, height: int,
+                  horizon: float) -> None:
+    """One background object of ``kind``: tree, pole, blob or rail (a railing)."""
+    if kind == "tree":
+        x = rng.uniform(0.0, 1.0) * width
+        crown = rng.uniform(0.12, 0.3) * width
+        cy = horizon - rng.uniform(0.3, 0.6) * height * 0.5
+        draw.rectangle(
+            (x - crown * 0.12, cy, x + crown * 0.12, horizon), fill=_hsv(0.08, 0.5, rng.uniform(0.25, 0.5))
+        )
+        draw.ellipse((x - crown, cy - crown * 1.3, x + crown, cy + crown * 0.5), fill=colour)
+    elif kind == "pole":
+        x = rng.uniform(0.0, 1.0) * width
+        w = rng.uniform(0.015, 0.04) * width
+        draw.rectangle(
+            (x, rng.uniform(0.0, 0.5) * horizon, x + w, horizon + rng.uniform(0, 0.05) * height), fill=colour
+        )
+    elif kind == "blob":
+        x = rng.uniform(0.0, 1.0) * width
+        y = rng.uniform(0.1, 1.0) * horizon
+        r = rng.uniform(0.06, 0.25) * width
+        draw.ellipse((x - r, y - r * 0.7, x + r, y + r * 0.7), fill=colour)
+    else:
+        y = horizon - rng.uniform(0.05, 0.2) * height
+        draw.line([(0, y), (width, y)], fill=colour, width=max(1, int(0.012 * height)))
+        for x in np.arange(rng.uniform(0, 0.2) * width, width, rng.uniform(0.12, 0.3) * width):
+            draw.line([(float(x), y), (float(x), horizon)], fill=colour, width=max(1, int(0.01 * height)))
+
+
+def _draw_ground(draw: ImageDraw.ImageDraw, rng: random.Random, width: int, height: int, horizon: float) -> None:
+    """The ground plane below ``horizon``, sometimes with paving or road markings."""
     ground = _hsv(rng.choice((0.08, 0.1, 0.3, 0.6)), rng.uniform(0.0, 0.25), rng.uniform(0.3, 0.7))
     draw.rectangle((0, horizon, width, height), fill=ground)
     draw.line([(0, horizon), (width, horizon)], fill=_scale(ground, 0.75), width=max(1, int(0.008 * height)))
@@ -103,7 +121,6 @@ def _background(rng: random.Random, width: int, height: int, horizon: float) -> 
         for k in range(1, rng.randint(2, 5)):
             y = horizon + (height - horizon) * k / 5.0
             draw.line([(0, y), (width, y)], fill=mark, width=1)
-    return img
 
 
 def render_person(
