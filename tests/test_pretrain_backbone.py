@@ -20,10 +20,11 @@ from datasets.synthetic import (
     tokenize_caption,
 )
 from model.clip import build_clip, build_clip_from_config
+from processor import backbone
 from tests.conftest import REPO, load_tool
 from utils.config import load_config
 
-backbone = load_tool("pretrain_backbone")
+tool = load_tool("pretrain_backbone")
 #: Seconds, not minutes: a handful of images and one epoch.
 TINY = dict(images=48, batch_size=16, epochs=1, captions_per_image=2, warmup_steps=1)
 
@@ -161,7 +162,7 @@ def test_tool_reports_zero_shot_and_noise_detection(made, synthetic_root, tmp_pa
     argv = ["--data", str(synthetic_root), "--cache-dir", str(cache), "--out", str(out), "--images", "48",
             "--batch-size", "16", "--epochs", "1"]
     # The tool's own defaults (captions, warm-up) differ from TINY: a new file, trained here.
-    assert backbone.main(argv) == 0
+    assert tool.main(argv) == 0
     printed = capsys.readouterr().out
     assert "pretrained backbone (zero-shot), test t2i" in printed and "trained in" in printed
     assert "clean caption closer to the image than its corrupted version: all " in printed
@@ -169,17 +170,17 @@ def test_tool_reports_zero_shot_and_noise_detection(made, synthetic_root, tmp_pa
     for scorer in ("gass", "css", "occlusion", "random"):
         assert re.search(rf"^{scorer} +[01]\.\d{{3}} ", printed, re.MULTILINE), printed
     assert out.is_file()
-    assert backbone.main(argv + ["--no-eval"]) == 0  # reused, and the same --out is fine
+    assert tool.main(argv + ["--no-eval"]) == 0  # reused, and the same --out is fine
     printed = capsys.readouterr().out
     assert "reused" in printed and "zero-shot" not in printed
     other = tmp_path / "mine.pt"
     other.write_bytes(b"not yours to replace")
-    assert backbone.main([*argv[:4], "--out", str(other), *argv[6:], "--no-eval"]) == 2
+    assert tool.main([*argv[:4], "--out", str(other), *argv[6:], "--no-eval"]) == 2
     assert "exists and is not this backbone" in capsys.readouterr().err
     assert other.read_bytes() == b"not yours to replace"
-    assert backbone.main(["--data", str(tmp_path / "nowhere"), "--cache-dir", str(cache)]) == 2
-    assert backbone.main(["--epochs", "0", "--cache-dir", str(cache), "--images", "48",
-                          "--batch-size", "16"]) == 2
+    assert tool.main(["--data", str(tmp_path / "nowhere"), "--cache-dir", str(cache)]) == 2
+    assert tool.main(["--epochs", "0", "--cache-dir", str(cache), "--images", "48",
+                      "--batch-size", "16"]) == 2
     assert "--epochs must be >= 1" in capsys.readouterr().err
 
 

@@ -45,11 +45,11 @@ import torch  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 from datasets.synthetic import SyntheticConfig, check_claimable, claim_folder, generate  # noqa: E402
 from model import build_model  # noqa: E402
+from processor.backbone import DEFAULT_CACHE, make_backbone, settings_for, zero_shot  # noqa: E402
 from processor.engine import Trainer  # noqa: E402
 from processor.evaluate import build_evaluator  # noqa: E402
 from processor.finetune import FinetuneTask  # noqa: E402
 from processor.pretrain import PretrainTask  # noqa: E402
-from tools.pretrain_backbone import DEFAULT_CACHE, make_backbone, settings_for, zero_shot  # noqa: E402
 from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
