@@ -9,11 +9,12 @@ GA-DMS starts from OpenAI's pretrained ViT-B/16, whose image-text alignment is w
 GASS reads; the demo's tiny model has no such starting point unless one is made.
 This tool makes it with `processor.backbone.make_backbone`: CLIP's own recipe
 (symmetric InfoNCE with a learned temperature, logit_scale initialised to ln(1/0.07)
-and clamped at ln(100)) on a generic synthetic corpus (`datasets.synthetic.generic_corpus`: its own identities, none of them within
-one attribute of a benchmark or WebPerson identity of `--data`, and clean captions
-worded more broadly than the benchmark's, web alt-text included). The file is an
-OpenAI-keyed state dict with `logit_scale`, so `model.clip.pretrained=<file>` loads it
-exactly as it loads ViT-B-16.pt (the temperature is dropped with a log line).
+and clamped at ln(100)) on a generic synthetic corpus
+(`datasets.synthetic.generic_corpus`: its own identities, none of them within one
+attribute of a benchmark or WebPerson identity of `--data`, and clean captions worded
+more broadly than the benchmark's, web alt-text included). The file is an OpenAI-keyed
+state dict with `logit_scale`, so `model.clip.pretrained=<file>` loads it exactly as it
+loads ViT-B-16.pt (the temperature is dropped with a log line).
 
 The backbone is cached under `--cache-dir` (default ~/.cache/gadms/backbones) by the
 hash of its settings (and of the identities left out): a second call with the same
