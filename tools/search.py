@@ -13,8 +13,6 @@ mtimes), the image size and the backbone config, so repeated searches only embed
 the queries. A cache that no longer matches (an image replaced in place, a
 rewritten checkpoint) or cannot be read is recomputed, with one line on stderr
 saying why, and replaced atomically.
-
-The loading and embedding helpers here are shared by the visualisation tools.
 """
 
 from __future__ import annotations
@@ -38,70 +36,34 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from datasets import TextReIDDataset, build_dataset  # noqa: E402
 from datasets.bases import IMAGE_EXTENSIONS, TAR_SEPARATOR, ImageReadError, open_image  # noqa: E402
 from datasets.build import ImageDataset  # noqa: E402
 from datasets.transforms import build_transforms  # noqa: E402
 from model.tokenizer import Tokenizer, cleans_to_empty  # noqa: E402
-from processor.inference import load_for_evaluation  # noqa: E402
+from processor.inference import image_size_of, load_run_model, open_dataset  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.cli import ToolError, run_tool  # noqa: E402
-from utils.config import Config, ConfigError, load_config  # noqa: E402
-from utils.device import resolve_device  # noqa: E402
+from utils.config import Config  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 from utils.output_paths import check_output_path  # noqa: E402
 from utils.threads import apply_threads  # noqa: E402
-from utils.visualize import BLACK, GREY, WHITE, fit_thumbnail, load_font, save_png, text_size, wrap_text  # noqa: E402
+from utils.visualize import (  # noqa: E402
+    BLACK,
+    GREY,
+    WHITE,
+    check_thumb_height,
+    fit_thumbnail,
+    load_font,
+    save_png,
+    text_size,
+    wrap_text,
+)
 
 CACHE_VERSION = 2  # 2: keyed by the gallery files' sizes and mtimes too
 SPLITS = ("test", "val", "train")
-#: Allowed --thumb-height (px): a readable thumbnail, and a grid that fits in memory.
-THUMB_HEIGHT_RANGE = (16, 1024)
 
 
-# --------------------------------------------------------------------------- loading (shared by the tools)
-
-
-def resolve_config_path(checkpoint: str, config: str | None) -> str:
-    """`config`, or the `config.yaml` beside the checkpoint (a run directory's layout)."""
-    if config:
-        if not os.path.isfile(config):
-            raise ToolError(f"config file {config} not found")
-        return config
-    candidate = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.yaml")
-    if not os.path.isfile(candidate):
-        raise ToolError(f"no config.yaml next to checkpoint {checkpoint}; pass --config <run dir>/config.yaml "
-                        "(or the experiment YAML the checkpoint was trained with)")
-    return candidate
-
-
-def load_run_model(checkpoint: str, config: str | None, overrides: list[str] | None = None, *,
-                   trust: bool = False) -> tuple[Config, torch.nn.Module, torch.device]:
-    """Config, evaluation-mode model holding the checkpoint's weights, and the device it sits on.
-
-    Raises:
-        ToolError: the checkpoint or config is missing, or the weights do not fit the config.
-    """
-    if not os.path.isfile(checkpoint):
-        raise ToolError(f"checkpoint {checkpoint} not found")
-    config_path = resolve_config_path(checkpoint, config)
-    try:
-        # An empty model.clip.pretrained keeps build_model from loading OpenAI weights that the
-        # checkpoint overwrites anyway.
-        cfg = load_config(config_path, list(overrides or []) + ["model.clip.pretrained="])
-    except ConfigError as err:
-        raise ToolError(str(err)) from err
-    try:
-        model = load_for_evaluation(cfg, checkpoint, trust=trust)
-    except (KeyError, ValueError, RuntimeError, OSError) as err:
-        raise ToolError(f"cannot load checkpoint {checkpoint} with config {config_path}: {err}") from err
-    device = resolve_device(cfg.device)
-    return cfg, model.to(device).eval(), device
-
-
-def image_size_of(cfg: Config) -> tuple[int, int]:
-    """Model input (height, width) from the config."""
-    return int(cfg.model.clip.image_size[0]), int(cfg.model.clip.image_size[1])
+# --------------------------------------------------------------------------- embedding
 
 
 @torch.inference_mode()
@@ -143,16 +105,6 @@ def list_images(folder: str) -> list[str]:
         raise ToolError(f"no images ({', '.join('*.' + e for e in IMAGE_EXTENSIONS)}) found in {folder} "
                         f"({len(files)} other file(s), e.g. {files[0]})")
     return images
-
-
-def open_dataset(name: str, root: str, annotation: str | None = None) -> TextReIDDataset:
-    """`build_dataset`, passing the WebPerson annotation choice; errors become ToolError."""
-    try:
-        if name == "WebPerson":
-            return build_dataset(name, root, annotation=annotation or None)
-        return build_dataset(name, root)
-    except (ValueError, OSError) as err:
-        raise ToolError(str(err)) from err
 
 
 def dataset_gallery(name: str, root: str, split: str, annotation: str | None = None) -> tuple[list[str], np.ndarray]:
@@ -387,13 +339,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trust", action="store_true", help="allow checkpoints that need full unpickling")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. device=cpu")
     return parser.parse_args(argv)
-
-
-def check_thumb_height(value: int) -> None:
-    """Refuse a --thumb-height outside `THUMB_HEIGHT_RANGE` (a ToolError naming the flag)."""
-    low, high = THUMB_HEIGHT_RANGE
-    if not low <= value <= high:
-        raise ToolError(f"--thumb-height must be between {low} and {high} pixels, got {value}")
 
 
 def check_arguments(args: argparse.Namespace) -> list[str]:

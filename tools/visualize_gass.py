@@ -41,6 +41,7 @@ from datasets.bases import ImageReadError, open_image  # noqa: E402
 from datasets.masking import informative_mask, noise_mask  # noqa: E402
 from datasets.transforms import build_transforms  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
+from processor.inference import image_size_of, load_run_model, open_dataset  # noqa: E402
 from processor.noise_detection import (  # noqa: E402
     NOISE_REPORT,
     CaptionSource,
@@ -51,7 +52,6 @@ from processor.noise_detection import (  # noqa: E402
     match_noise_entries,
     token_pieces,
 )
-from tools.search import check_thumb_height, image_size_of, load_run_model, open_dataset  # noqa: E402
 from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.output_paths import check_output_path  # noqa: E402
 from utils.visualize import (  # noqa: E402
@@ -61,6 +61,7 @@ from utils.visualize import (  # noqa: E402
     LIGHT_GREY,
     RED,
     WHITE,
+    check_thumb_height,
     draw_colour_bar,
     fit_thumbnail,
     load_font,

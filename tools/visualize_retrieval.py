@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 from datasets.bases import EvalSplit, ImageReadError, open_image  # noqa: E402
 from processor.evaluate import build_evaluator  # noqa: E402
-from tools.search import check_thumb_height, image_size_of, load_run_model  # noqa: E402
+from processor.inference import image_size_of, load_run_model  # noqa: E402
 from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.output_paths import check_output_path  # noqa: E402
 from utils.visualize import (  # noqa: E402
@@ -43,6 +43,7 @@ from utils.visualize import (  # noqa: E402
     GREY,
     RED,
     WHITE,
+    check_thumb_height,
     draw_frame,
     fit_thumbnail,
     load_font,

@@ -1,7 +1,7 @@
 """Small PIL drawing helpers shared by the image-grid tools (search, visualize_gass, visualize_retrieval).
 
-Fonts, text wrapping, thumbnails, frames, and a white -> dark-red score colour
-map with its colour bar. Charts with axes are drawn with matplotlib (utils/plots.py).
+Fonts, text wrapping, thumbnails (and the allowed thumbnail heights), frames, and a
+white -> dark-red score colour map with its colour bar. Charts with axes are drawn with matplotlib (utils/plots.py).
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from utils.errors import UserInputError
 from utils.output_paths import OutputPathError, unwritable_reason
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "RGB", "WHITE", "BLACK", "GREY", "LIGHT_GREY", "GREEN", "RED", "BLUE", "load_font", "text_size", "wrap_text",
-    "fit_thumbnail", "score_colour", "text_colour_on", "draw_frame", "draw_colour_bar", "save_png",
+    "THUMB_HEIGHT_RANGE", "ThumbHeightError", "check_thumb_height", "fit_thumbnail", "score_colour",
+    "text_colour_on", "draw_frame", "draw_colour_bar", "save_png",
 ]
 
 RGB = tuple[int, int, int]
@@ -33,6 +35,12 @@ BLUE: RGB = (30, 90, 230)
 # ColorBrewer "Reds" anchors: white -> salmon -> dark red.
 _SCORE_STOPS: tuple[tuple[float, RGB], ...] = ((0.0, (255, 255, 255)), (0.35, (252, 187, 161)),
                                                (0.65, (239, 59, 44)), (1.0, (103, 0, 13)))
+#: Allowed --thumb-height (px): a readable thumbnail, and a grid that fits in memory.
+THUMB_HEIGHT_RANGE = (16, 1024)
+
+
+class ThumbHeightError(UserInputError, ValueError):
+    """A thumbnail height outside :data:`THUMB_HEIGHT_RANGE`."""
 
 
 def load_font(size: int = 14) -> ImageFont.ImageFont:
@@ -79,6 +87,13 @@ def wrap_text(text: str, font: ImageFont.ImageFont, max_width: int, max_lines: i
             last = last[:-1]
         lines[-1] = last.rstrip() + " ..."
     return lines or [""]
+
+
+def check_thumb_height(value: int) -> None:
+    """Refuse a --thumb-height outside `THUMB_HEIGHT_RANGE` (a ThumbHeightError naming the flag)."""
+    low, high = THUMB_HEIGHT_RANGE
+    if not low <= value <= high:
+        raise ThumbHeightError(f"--thumb-height must be between {low} and {high} pixels, got {value}")
 
 
 def fit_thumbnail(image: Image.Image, size: tuple[int, int], background: RGB = WHITE) -> Image.Image:
