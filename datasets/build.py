@@ -34,7 +34,8 @@ from model.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 __all__ = ["MaskingSpec", "TrainDataset", "ImageDataset", "TextDataset", "collate_train", "build_train_dataset",
-           "build_train_loader", "build_eval_loaders", "masking_spec_from_config", "set_loader_epoch"]
+           "build_train_loader", "build_eval_loaders", "masking_spec_from_config", "position_loader",
+           "set_loader_epoch"]
 
 MLM_MODES = ("informative", "random", "none")
 SAMPLERS = ("random", "identity")
@@ -265,6 +266,17 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Tell the sampler (order) and the dataset (masks) which epoch starts."""
     loader.sampler.set_epoch(epoch)
     loader.dataset.set_epoch(epoch)
+
+
+def position_loader(loader: DataLoader, epoch: int, batches_done: int = 0, *, world_size: int = 1) -> None:
+    """Set the loader's epoch and skip the `batches_done` batches every rank already consumed in it.
+
+    After this, `len(loader)` counts only the batches still to come.
+    """
+    set_loader_epoch(loader, epoch)
+    if batches_done:
+        # The sampler counts global indices: every rank consumed `batches_done` batches.
+        loader.sampler.load_state_dict({"epoch": epoch, "position": batches_done * loader.batch_size * world_size})
 
 
 def build_eval_loaders(cfg: Any, split: EvalSplit, tokenizer: Tokenizer) -> tuple[DataLoader, DataLoader]:

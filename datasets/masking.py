@@ -284,3 +284,20 @@ def random_mask(
         vocab_high=vocab_high,
         force_one=force_one,
     )
+
+
+def mask_rates(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Share of a batch's ordinary caption tokens selected by each mask the batch carries (for the logs).
+
+    `mlm_mask_rate`: tokens with an MLM label. `noise_mask_rate`: tokens whose id the noise
+    mask changed (the 10% of selected tokens kept as they were cannot be seen, so this is
+    ~0.9 x the selection rate).
+    """
+    ids = batch["caption_ids"]
+    eligible = ((ids >= FIRST_ORDINARY_ID) & (ids <= LAST_ORDINARY_ID)).sum().clamp(min=1)
+    rates = {}
+    if "noise_ids" in batch:
+        rates["noise_mask_rate"] = (batch["noise_ids"] != ids).sum() / eligible
+    if "mlm_labels" in batch:
+        rates["mlm_mask_rate"] = (batch["mlm_labels"] != 0).sum() / eligible
+    return rates

@@ -1,5 +1,5 @@
 """Retrieval model, CLIP backbone, tokenizer, GASS, heads and objectives."""
 
-from model.build import GADMS, build_model
+from model.build import GADMS, TrainOutput, build_model
 
-__all__ = ["GADMS", "build_model"]
+__all__ = ["GADMS", "TrainOutput", "build_model"]

@@ -4,16 +4,17 @@ State-dict layout is the reference's (`base_model.<OpenAI keys>`, `cross_attn.*`
 `cross_modal_transformer.*`, `ln_pre_t`, `ln_pre_i`, `ln_post`, `mlm_head.*`,
 `classifier.*`), so checkpoints released by the GA-DMS authors and by IRRA load.
 
-The training forward takes a batch dict and returns weighted `*_loss` terms (the
-loop sums them), accuracies, and — when GASS is on — the batch's token scores,
-which the training loop writes into the score cache.
+The training forward takes a batch dict and returns a `TrainOutput`: the weighted
+`*_loss` terms (the loop sums them), scalar metrics (accuracies) and auxiliary
+tensors — with GASS on, the batch's token scores, which pretraining writes into the
+score cache — each in its own mapping.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -27,9 +28,24 @@ from utils.config import check_gass_depth
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GADMS", "build_model"]
+__all__ = ["GADMS", "TrainOutput", "build_model"]
 
 SCORINGS = ("gass", "css")
+
+
+class TrainOutput(NamedTuple):
+    """What a training forward returns: three mappings, so no consumer tells them apart by name.
+
+    Attributes:
+        losses: Weighted loss terms (`sdm_loss`, ...), scalars with gradients; the loop
+            optimises their sum.
+        metrics: Scalar diagnostics without gradients (`img_acc`, ...), logged as they are.
+        aux: Other tensors for the task's hooks, e.g. `gass_scores` [B, L].
+    """
+
+    losses: dict[str, Tensor]
+    metrics: dict[str, Tensor]
+    aux: dict[str, Tensor]
 
 
 class GADMS(CrossModalMLM, nn.Module):
@@ -121,8 +137,8 @@ class GADMS(CrossModalMLM, nn.Module):
         )
 
     # ------------------------------------------------------------- training
-    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Weighted losses (`*_loss`), accuracies and, with GASS on, `gass_scores`.
+    def forward(self, batch: Mapping[str, Tensor]) -> TrainOutput:
+        """Weighted losses (`*_loss`), accuracies and, with GASS on in training, `aux["gass_scores"]`.
 
         Batch keys: `images` [B,3,H,W], `pids` [B], `caption_ids` [B,L] (clean);
         optional `noise_ids` (contrastive caption; default the clean one);
@@ -133,32 +149,34 @@ class GADMS(CrossModalMLM, nn.Module):
         image_tokens = self.base_model.encode_image(images)
         image_feats = image_tokens[:, 0].float()
         text_feats = self.encode_text(contrast_ids)
-        out: dict[str, Tensor] = {}
+        losses: dict[str, Tensor] = {}
+        metrics: dict[str, Tensor] = {}
+        aux: dict[str, Tensor] = {}
         weights = self.loss_weights
 
         if "sdm" in self.loss_names:
-            out["sdm_loss"] = weights["sdm"] * objectives.sdm_loss(
+            losses["sdm_loss"] = weights["sdm"] * objectives.sdm_loss(
                 image_feats, text_feats, pids, self.logit_scale, gather=self.gather_features)
         if "itc" in self.loss_names:
-            out["itc_loss"] = weights["itc"] * objectives.itc_loss(
+            losses["itc_loss"] = weights["itc"] * objectives.itc_loss(
                 image_feats, text_feats, self.logit_scale, gather=self.gather_features)
         if "id" in self.loss_names:
             image_logits = self.classifier(image_feats)
             text_logits = self.classifier(text_feats)
-            out["id_loss"] = weights["id"] * objectives.id_loss(image_logits, text_logits, pids)
-            out["img_acc"] = objectives.classification_accuracy(image_logits, pids)
-            out["txt_acc"] = objectives.classification_accuracy(text_logits, pids)
+            losses["id_loss"] = weights["id"] * objectives.id_loss(image_logits, text_logits, pids)
+            metrics["img_acc"] = objectives.classification_accuracy(image_logits, pids)
+            metrics["txt_acc"] = objectives.classification_accuracy(text_logits, pids)
         if "mlm" in self.loss_names:
             if "mlm_ids" not in batch or "mlm_labels" not in batch:
                 raise KeyError("the mlm loss needs batch['mlm_ids'] and batch['mlm_labels']")
             selected = batch["mlm_labels"] != 0
             logits = self.predict_tokens(self.base_model.encode_text(batch["mlm_ids"]), image_tokens, selected)
             labels = batch["mlm_labels"][selected]
-            out["mlm_loss"] = weights["mlm"] * objectives.mlm_loss(logits, labels)
-            out["mlm_acc"] = objectives.masked_accuracy(logits, labels)
+            losses["mlm_loss"] = weights["mlm"] * objectives.mlm_loss(logits, labels)
+            metrics["mlm_acc"] = objectives.masked_accuracy(logits, labels)
         if self.gass and self.training:
-            out["gass_scores"] = self.token_scores(image_feats.detach(), clean_ids)
-        return out
+            aux["gass_scores"] = self.token_scores(image_feats.detach(), clean_ids)
+        return TrainOutput(losses, metrics, aux)
 
 
 def build_model(cfg: Any, num_classes: int = 0, *, backbone: CLIP | None = None) -> GADMS:

@@ -9,7 +9,7 @@ import torch
 from model import build_model
 from model.clip import backbone_state_dict, build_clip_from_config, is_torchscript_archive, load_clip_state_dict
 from model.weights import load_model_weights, unwrap_state_dict
-from processor.engine import Task
+from processor.pretrain import GassTask
 from utils.checkpoint import read_checkpoint
 from utils.config import Config
 
@@ -18,13 +18,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["FinetuneTask"]
 
 
-class FinetuneTask(Task):
+class FinetuneTask(GassTask):
     """`sdm+id+mlm` with plain random MLM masking; the ID classifier is the only new module.
 
     `model.finetune` names the starting checkpoint: a full retrieval checkpoint (ours,
     the GA-DMS authors' or IRRA's; pretraining or fine-tuning) gives every weight, the
     backbone included, so `model.clip.pretrained` is not read; a plain CLIP file (e.g.
     OpenAI's ViT-B-16.pt: IRRA's own starting point) gives the backbone only.
+    A config that turns GASS scoring or score-driven masks on gets the pretraining's
+    score cache (`processor.pretrain.GassTask`); the IRRA recipe has neither.
     """
 
     name = "finetune"

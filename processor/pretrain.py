@@ -1,9 +1,13 @@
-"""Pretraining task (GA-DMS on WebPerson): the score cache learns from every step.
+"""Pretraining task (GA-DMS on WebPerson): GASS and its score cache live here.
 
-After each optimisation step the batch's GASS scores overwrite the cache rows of
-its captions (on every rank: the update is a collective that gathers all ranks'
-rows, so no update is lost). Masks drawn by the data workers read the cache as
-`gass.refresh` says (epoch snapshot, or the latest rows).
+`GassScores` is the hook that owns the score cache: it creates it when the config
+scores tokens or masks by score, hands it to the training loader, saves it in
+checkpoints (`score_cache`), publishes each epoch's snapshot, and after each
+optimisation step writes the batch's GASS scores into the cache rows of its captions
+(on every rank: the update is a collective that gathers all ranks' rows, so no
+update is lost) and logs their statistics (`gass/mean`, `gass/q10|50|90`). Masks
+drawn by the data workers read the cache as `gass.refresh` says (epoch snapshot, or
+the latest rows).
 
 When the corpus says which words are corrupted (the synthetic generator's
 `noise_report.json`), the task also measures noise detection
@@ -22,7 +26,11 @@ from typing import Any
 
 import torch
 
+from datasets.bases import TrainIndex
+from datasets.build import masking_spec_from_config
+from datasets.score_cache import ScoreCache
 from processor.engine import Task, Trainer
+from processor.loop import StepOutput, TrainLoop
 from processor.noise_detection import load_noise_report, noise_detection_auc, summarize_aucs
 from utils import comm
 from utils.config import Config
@@ -30,7 +38,7 @@ from utils.metrics_log import append_metrics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NOISE_SCORERS", "PretrainTask", "measure_noise_detection"]
+__all__ = ["GassScores", "GassTask", "NOISE_SCORERS", "PretrainTask", "measure_noise_detection"]
 
 #: Scorers compared in the noise-detection records.
 NOISE_SCORERS = ("gass", "css", "random")
@@ -46,7 +54,67 @@ def measure_noise_detection(model: torch.nn.Module, cfg: Config, device: torch.d
     return {name: summarize_aucs(per_kind) for name, per_kind in aucs.items()}
 
 
-class PretrainTask(Task):
+class GassScores:
+    """The GASS score cache of a run and what is done with it each epoch and step.
+
+    Args:
+        cfg: The resolved config (reads `gass.*`, `masking.*`, `data.text_length`).
+        num_captions: Training captions (rows of the cache).
+        run_dir: Where the cache files live.
+    """
+
+    def __init__(self, cfg: Config, num_captions: int, run_dir: str) -> None:
+        self.cache = ScoreCache(run_dir, num_captions, cfg.data.text_length, init_value=cfg.gass.init_score,
+                                refresh=cfg.gass.refresh)
+
+    @staticmethod
+    def wanted(cfg: Config) -> bool:
+        """Whether the config computes GASS scores or draws masks from them."""
+        return bool(cfg.gass.enabled) or masking_spec_from_config(cfg).needs_scores
+
+    def before_epoch(self, epoch: int) -> None:
+        self.cache.begin_epoch(epoch)
+
+    def after_step(self, loop: TrainLoop, batch: Mapping[str, Any], output: StepOutput, writer: Any) -> None:
+        scores = output.aux.get("gass_scores")
+        if scores is None:
+            return
+        self.cache.update(batch["index"], scores)
+        if writer is not None and comm.is_main_process():
+            valid = scores[scores > 0]
+            if valid.numel():
+                writer.add_scalar("gass/mean", float(valid.mean()), loop.global_step)
+                for q in (0.1, 0.5, 0.9):
+                    writer.add_scalar(f"gass/q{int(q * 100)}", float(valid.float().quantile(q)), loop.global_step)
+
+
+class GassTask(Task):
+    """A task whose run has a GASS score cache when its config asks for one (`GassScores.wanted`).
+
+    Pretraining always does; fine-tuning does when its config turns GASS scoring or
+    score-driven masks on (the IRRA recipe does not).
+    """
+
+    def __init__(self) -> None:
+        self.gass: GassScores | None = None
+
+    def loader_inputs(self, cfg: Config, index: TrainIndex, run_dir: str) -> dict[str, Any]:
+        self.gass = GassScores(cfg, len(index), run_dir) if GassScores.wanted(cfg) else None
+        return {"score_cache": self.gass.cache} if self.gass is not None else {}
+
+    def checkpointables(self) -> dict[str, Any]:
+        return {"score_cache": self.gass.cache} if self.gass is not None else {}
+
+    def before_epoch(self, loop: TrainLoop, epoch: int) -> None:
+        if self.gass is not None:
+            self.gass.before_epoch(epoch)
+
+    def after_step(self, loop: TrainLoop, batch: Mapping[str, Any], output: StepOutput) -> None:
+        if self.gass is not None:
+            self.gass.after_step(loop, batch, output, self.trainer.writer)
+
+
+class PretrainTask(GassTask):
     """GA-DMS pretraining: SDM on noise-masked captions + informative MLM, GASS every step."""
 
     name = "pretrain"
@@ -54,6 +122,7 @@ class PretrainTask(Task):
     epoch_records = (NOISE_RECORD,)
 
     def __init__(self) -> None:
+        super().__init__()
         self._measures_noise = False
 
     def build_model(self, cfg: Config, num_classes: int) -> torch.nn.Module:
@@ -65,18 +134,16 @@ class PretrainTask(Task):
                                 and load_noise_report(cfg.data.root) is not None)
         return super().build_model(cfg, num_classes)
 
-    def before_train(self, trainer: Trainer) -> None:
+    def before_train(self, loop: TrainLoop) -> None:
         if self._measures_noise and comm.is_main_process():
             # The initial weights: the backbone before GA-DMS.
+            trainer = self.trainer
             self._log_noise(trainer, -1, 0, measure_noise_detection(trainer.model, trainer.cfg, trainer.device))
 
-    def after_step(self, trainer: Trainer, batch: Mapping[str, Any], out: Mapping[str, torch.Tensor]) -> None:
-        if trainer.score_cache is not None and "gass_scores" in out:
-            trainer.score_cache.update(batch["index"], out["gass_scores"])
-
-    def after_epoch(self, trainer: Trainer, epoch: int) -> None:
+    def after_epoch(self, loop: TrainLoop, epoch: int) -> None:
+        trainer = self.trainer
         if self._measures_noise and comm.is_main_process() and (epoch + 1) % trainer.cfg.eval.period == 0:
-            self._log_noise(trainer, epoch, trainer.global_step,
+            self._log_noise(trainer, epoch, loop.global_step,
                             measure_noise_detection(trainer.model, trainer.cfg, trainer.device))
 
     @staticmethod

@@ -201,7 +201,8 @@ def _training_state(seed: int, run_dir: Path, config: dict | None = None):
     )
     scaler = torch.amp.GradScaler("cpu", init_scale=float(2 ** (seed % 7)))
     cache = _FakeScoreCache()
-    ck = Checkpointer(run_dir, model=model, optimizer=opt, scheduler=sched, scaler=scaler, score_cache=cache,
+    ck = Checkpointer(run_dir, model=model, optimizer=opt, scheduler=sched, scaler=scaler,
+                      checkpointables={"score_cache": cache},
                       config=config or {"seed": 1, "solver": {"lr": 1e-2}}, num_classes=4)
     return model, opt, sched, scaler, cache, ck
 
@@ -286,7 +287,9 @@ def test_unloadable_objects_are_refused_when_saving(tmp_path):
         ck.save("last", epoch=0, step=0, extra={"hooks": [1, Opaque()]})
     assert os.listdir(tmp_path) == []
     with pytest.raises(TypeError, match="score_cache .* needs state_dict"):
-        Checkpointer(tmp_path, model=model, score_cache=object())
+        Checkpointer(tmp_path, model=model, checkpointables={"score_cache": object()})
+    with pytest.raises(ValueError, match="checkpointable name.* step .*keys of the checkpoint format"):
+        Checkpointer(tmp_path, model=model, checkpointables={"step": cache})
     with pytest.raises(ValueError, match="invalid checkpoint name"):
         ck.save("../escape", epoch=0, step=0)
 

@@ -54,23 +54,26 @@ def test_forward_returns_weighted_losses_and_scores():
     torch.manual_seed(0)
     model = build_model(tiny_cfg("model.loss_names=sdm+id+mlm", "model.loss_weights.mlm=0.5"), num_classes=3)
     model.train()
-    out = model(make_batch())
-    assert {"sdm_loss", "id_loss", "mlm_loss", "mlm_acc", "img_acc", "txt_acc", "gass_scores"} <= set(out)
-    assert out["gass_scores"].shape == (4, 77) and not out["gass_scores"].requires_grad
+    losses, metrics, aux = model(make_batch())
+    # Losses, scalar metrics and auxiliary tensors come in separate mappings.
+    assert list(losses) == ["sdm_loss", "id_loss", "mlm_loss"]
+    assert set(metrics) == {"mlm_acc", "img_acc", "txt_acc"} and all(v.dim() == 0 for v in metrics.values())
+    assert set(aux) == {"gass_scores"}
+    assert aux["gass_scores"].shape == (4, 77) and not aux["gass_scores"].requires_grad
+    assert all(v.requires_grad and v.dim() == 0 for v in losses.values())
     # The weight is applied inside the model: compare with weight 1.
     torch.manual_seed(0)
     unweighted = build_model(tiny_cfg("model.loss_names=sdm+id+mlm", "model.loss_weights.mlm=1.0"), num_classes=3)
     unweighted.train()
-    assert torch.allclose(out["mlm_loss"], 0.5 * unweighted(make_batch())["mlm_loss"])
+    assert torch.allclose(losses["mlm_loss"], 0.5 * unweighted(make_batch()).losses["mlm_loss"])
     model.eval()
-    assert "gass_scores" not in model(make_batch())
+    assert model(make_batch()).aux == {}
 
 
 def test_every_trainable_parameter_gets_a_gradient():
     torch.manual_seed(0)
     model = build_model(tiny_cfg("model.loss_names=sdm+id+mlm"), num_classes=3).train()
-    out = model(make_batch())
-    sum(v for k, v in out.items() if k.endswith("_loss")).backward()
+    sum(model(make_batch()).losses.values()).backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not no_grad, no_grad
 

@@ -133,7 +133,7 @@ def test_nonfinite_loss_is_skipped_and_counted(synthetic_root, tmp_path, monkeyp
         calls["n"] += 1
         out = forward(self, batch)
         if calls["n"] == 2:
-            out["sdm_loss"] = out["sdm_loss"] * float("nan")
+            out.losses["sdm_loss"] = out.losses["sdm_loss"] * float("nan")
         return out
 
     monkeypatch.setattr(type(trainer.model), "forward", poisoned)
@@ -181,7 +181,7 @@ def test_two_process_ddp_step_equals_one_process_on_concatenated_batch(synthetic
 
 
 def test_mask_rates_count_eligible_tokens():
-    from processor.engine import mask_rates
+    from datasets.masking import mask_rates
 
     ids = torch.tensor([[49406, 10, 11, 12, 13, 49407, 0, 0]])
     noise = ids.clone()

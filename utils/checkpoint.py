@@ -2,8 +2,8 @@
 
 A checkpoint is one ``<run_dir>/<name>.pth`` file (``last``, ``best_<dataset>``)
 holding everything needed to continue a run as if it had never stopped: model,
-optimizer, LR scheduler, AMP grad scaler, GASS score cache, every rank's RNG
-state, the epoch/step counters, the best metrics so far and the resolved
+optimizer, LR scheduler, AMP grad scaler, any named state the run adds (e.g. a
+method's caches), every rank's RNG state, the epoch/step counters, the best metrics so far and the resolved
 config. Only plain containers, numbers, strings and tensors go in, so the file
 loads with ``torch.load(weights_only=True)``; anything else is refused when
 *saving*, not discovered at resume time.
@@ -73,6 +73,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+#: Top-level keys of the checkpoint format (a checkpointable may not take one of these names).
+RESERVED_KEYS = ("format_version", "model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng",
+                 "best_metrics", "config", "num_classes", "extra")
 _TMP_SUFFIX = ".tmp"
 # Leaf types that torch's weights-only unpickler reconstructs.
 _SAFE_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray,
@@ -549,9 +552,10 @@ class Checkpointer:
         optimizer: optimizer, if the run has one.
         scheduler: LR scheduler (anything with ``state_dict``/``load_state_dict``).
         scaler: AMP grad scaler.
-        score_cache: GASS score cache, any object with ``state_dict()`` and
-            ``load_state_dict(state)``; ``state_dict`` is called on rank 0 only,
-            ``load_state_dict`` on every rank.
+        checkpointables: more state, by name: objects with ``state_dict()`` and
+            ``load_state_dict(state)`` (e.g. a task's caches), each stored under its name;
+            ``state_dict`` is called on rank 0 only, ``load_state_dict`` on every rank. A
+            resumed checkpoint without one of them leaves it as it is (with a warning).
         config: the resolved config (``Config`` or plain dict), stored as a dict.
         num_classes: training identities the model was built for.
         load_weights: ``load_weights(model, checkpoint, path)`` puts a read checkpoint's
@@ -569,12 +573,17 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
         scaler: Any = None,
-        score_cache: Any = None,
+        checkpointables: Mapping[str, Any] | None = None,
         config: Any = None,
         num_classes: int = 0,
         load_weights: Callable[[nn.Module, Any, str], Any] | None = None,
     ) -> None:
-        for name, obj in (("scheduler", scheduler), ("scaler", scaler), ("score_cache", score_cache)):
+        self.checkpointables = dict(checkpointables or {})
+        taken = sorted(set(self.checkpointables) & set(RESERVED_KEYS))
+        if taken:
+            raise ValueError(f"Checkpointer: checkpointable name(s) {', '.join(taken)} are keys of the checkpoint "
+                             "format itself; choose other names")
+        for name, obj in (("scheduler", scheduler), ("scaler", scaler), *self.checkpointables.items()):
             if obj is not None and not (callable(getattr(obj, "state_dict", None))
                                         and callable(getattr(obj, "load_state_dict", None))):
                 raise TypeError(f"Checkpointer: {name} ({type(obj).__name__}) needs state_dict() and "
@@ -584,7 +593,6 @@ class Checkpointer:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.scaler = scaler
-        self.score_cache = score_cache
         self.config = _plain_config(config)
         self.num_classes = int(num_classes)
         self.load_weights = load_weights or load_model_state
@@ -629,7 +637,6 @@ class Checkpointer:
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "score_cache": self.score_cache.state_dict() if self.score_cache is not None else None,
                 "epoch": int(epoch),
                 "step": int(step),
                 "rng": rng_states,
@@ -637,6 +644,7 @@ class Checkpointer:
                 "config": self.config,
                 "num_classes": self.num_classes,
                 "extra": dict(extra) if extra is not None else {},
+                **{name: obj.state_dict() for name, obj in self.checkpointables.items()},
             }
             atomic_save(to_weights_only_safe(payload), path)
             logger.info("saved checkpoint %s (epoch %d, step %d)", path, epoch, step)
@@ -651,7 +659,7 @@ class Checkpointer:
         Args:
             path: checkpoint file.
             resume: restore the whole training state (model strictly, optimizer,
-                scheduler, scaler, score cache, this rank's RNG); False loads only
+                scheduler, scaler, the checkpointables, this rank's RNG); False loads only
                 the model weights (strictly).
             trust: allow files that need full unpickling (reference checkpoints).
             ckpt: the file's contents when the caller has already read it.
@@ -686,7 +694,8 @@ class Checkpointer:
         self._load_component("optimizer", self.optimizer, ckpt, path, required=True)
         self._load_component("scheduler", self.scheduler, ckpt, path, required=True)
         self._load_component("scaler", self.scaler, ckpt, path, required=False)
-        self._load_component("score_cache", self.score_cache, ckpt, path, required=False)
+        for name, obj in self.checkpointables.items():
+            self._load_component(name, obj, ckpt, path, required=False)
         self._restore_rng(ckpt["rng"], ckpt, path)
         logger.info("resumed from %s: epoch %s, step %s", path, ckpt["epoch"], ckpt["step"])
         return meta

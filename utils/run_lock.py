@@ -1,7 +1,7 @@
 """One owner per run folder: an advisory lock taken when a run starts.
 
 Two runs writing into one `output_dir` would interleave `metrics.jsonl`,
-overwrite each other's checkpoints and reset each other's GASS score cache.
+overwrite each other's checkpoints and reset each other's score cache.
 `RunDirLock` holds an exclusive `flock(2)` on `<run_dir>/run.lock` for the life
 of the run; the kernel releases it when the process ends, however it ends
 (a SIGKILLed run never leaves a stale lock behind). The file itself stays and
