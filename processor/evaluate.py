@@ -19,12 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from datasets import build_dataset
 from datasets.bases import EvalSplit
 from datasets.build import ImageDataset, TextDataset
 from datasets.transforms import build_transforms
 from model.tokenizer import Tokenizer
 from utils import comm
 from utils.device import autocast_dtype, dtype_autocast, unwrap_model
+from utils.errors import UserInputError
 from utils.metrics import format_table, rank_metrics_from_features
 from utils.metrics_log import append_metrics, is_number, read_metrics, supersede_metrics
 
@@ -140,3 +142,34 @@ def build_evaluator(cfg: Any, splits: Mapping[str, EvalSplit], device: torch.dev
                      text_length=cfg.data.text_length, batch_size=cfg.data.test_batch_size,
                      num_workers=cfg.data.num_workers, device=device, amp_dtype=autocast_dtype(cfg.precision),
                      i2t=cfg.eval.i2t, chunk_size=cfg.eval.chunk_size)
+
+
+class NothingToEvaluateError(UserInputError, ValueError):
+    """No benchmark of `eval.datasets` has the split asked for (or the list is empty)."""
+
+
+def eval_splits(cfg: Any, split_name: str) -> dict[str, EvalSplit]:
+    """The `split_name` split ("test" or "val") of every benchmark in `eval.datasets`, read from
+    `eval.root` (else `data.root`); a benchmark without that split is skipped with a warning.
+
+    Raises:
+        NothingToEvaluateError: `eval.datasets` is empty, or none of its benchmarks has the split.
+    """
+    root = cfg.eval.root or cfg.data.root
+    splits, lacking = {}, []
+    for name in cfg.eval.datasets:
+        dataset = build_dataset(name, root)
+        split = getattr(dataset, split_name, None)
+        if split is None:
+            has = [s for s in ("val", "test") if getattr(dataset, s, None) is not None]
+            lacking.append(f"{name} has no {split_name} split (it has: {', '.join(has) or 'no evaluation split'})")
+            logger.warning("%s; skipped", lacking[-1])
+            continue
+        splits[name] = split
+    if not splits:
+        if not lacking:
+            raise NothingToEvaluateError("nothing to evaluate: eval.datasets is empty; list the benchmarks to "
+                                         "evaluate, e.g. eval.datasets=[CUHK-PEDES]")
+        raise NothingToEvaluateError(f"nothing to evaluate: {'; '.join(lacking)}; choose another --split or "
+                                     "eval.datasets")
+    return splits

@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from prettytable import PrettyTable  # noqa: E402
 
-from datasets import EvalSplit, build_dataset  # noqa: E402
+from datasets import EvalSplit  # noqa: E402
 from datasets.text_noise import DEFAULT_VOCABULARY, NOISE_KINDS, NoisyCaption, corrupt_captions, load_vocabulary  # noqa: E402
-from processor.evaluate import build_evaluator  # noqa: E402
+from processor.evaluate import build_evaluator, eval_splits  # noqa: E402
 from processor.inference import load_for_evaluation  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.cli import ToolError, run_tool  # noqa: E402
@@ -154,25 +154,6 @@ def model_labels(paths: Sequence[str]) -> list[str]:
         seen[p] = seen.get(p, 0) + 1
         labels.append(names[p] if seen[p] == 1 else f"{names[p]}#{seen[p]}")
     return labels
-
-
-def eval_splits(cfg: Any, split_name: str) -> dict[str, EvalSplit]:
-    """The `split_name` split of every benchmark in `eval.datasets` (as tools/test.py finds them)."""
-    root = cfg.eval.root or cfg.data.root
-    splits, lacking = {}, []
-    for name in cfg.eval.datasets:
-        split = getattr(build_dataset(name, root), split_name, None)
-        if split is None:
-            lacking.append(f"{name} has no {split_name} split")
-            logger.warning("%s; skipped", lacking[-1])
-            continue
-        splits[name] = split
-    if not splits:
-        if not lacking:
-            raise ToolError("nothing to evaluate: eval.datasets is empty; list the benchmarks to evaluate, "
-                            "e.g. eval.datasets=[CUHK-PEDES]")
-        raise ToolError(f"nothing to evaluate: {'; '.join(lacking)}; choose another --split or eval.datasets")
-    return splits
 
 
 def noisy_queries(splits: Mapping[str, EvalSplit], kinds: Sequence[str], rates: Sequence[float], seed: int,

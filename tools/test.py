@@ -26,10 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from datasets import build_dataset  # noqa: E402
-from processor.evaluate import build_evaluator  # noqa: E402
+from processor.evaluate import build_evaluator, eval_splits  # noqa: E402
 from processor.inference import load_for_evaluation  # noqa: E402
-from utils.cli import ToolError, run_tool  # noqa: E402
+from utils.cli import run_tool  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
@@ -62,22 +61,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.device)
     model.to(device).eval()
 
-    root = cfg.eval.root or cfg.data.root
-    splits, lacking = {}, []
-    for name in cfg.eval.datasets:
-        dataset = build_dataset(name, root)
-        split = getattr(dataset, args.split, None)
-        if split is None:
-            has = [s for s in ("val", "test") if getattr(dataset, s, None) is not None]
-            lacking.append(f"{name} has no {args.split} split (it has: {', '.join(has) or 'no evaluation split'})")
-            print(f"warning: {lacking[-1]}; skipped", file=sys.stderr)
-            continue
-        splits[name] = split
-    if not splits:
-        if not lacking:
-            raise ToolError("nothing to evaluate: eval.datasets is empty; list the benchmarks to evaluate, "
-                            "e.g. eval.datasets=[CUHK-PEDES]")
-        raise ToolError(f"nothing to evaluate: {'; '.join(lacking)}; choose another --split or eval.datasets")
+    splits = eval_splits(cfg, args.split)
     evaluator = build_evaluator(cfg, splits, device)
     start = time.time()
     # The evaluator logs a table per set (for a training run's log); this tool prints one table of them all.
