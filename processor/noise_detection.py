@@ -12,11 +12,12 @@ point at the clean words. Scorers: the model's own (`token_scores`), GASS and CS
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,6 +275,42 @@ def _scorer(name: str, model: nn.Module, generator: torch.Generator) -> Callable
     raise ValueError(f"unknown scorer {name!r}; valid: {', '.join(SCORERS)}")
 
 
+def _noisy_training_captions(root: str, annotation: str) -> tuple[CaptionSource, dict[int, dict[str, Any]]]:
+    """The WebPerson training captions of `root`, and the noise-report entries of the corrupted ones by caption index.
+
+    Raises:
+        NoiseReportError: `root` has no noise report.
+    """
+    report = load_noise_report(root)
+    if report is None:
+        raise NoiseReportError(f"{root} has no {NOISE_REPORT} (made by tools/make_synthetic.py)")
+    source = CaptionSource(build_dataset("WebPerson", root, annotation=annotation), "train")
+    return source, match_noise_entries(report, "WebPerson", source)
+
+
+def _image_batches(source: CaptionSource, keys: list[int], *, image_size: Sequence[int], batch_size: int,
+                   device: torch.device | str) -> Iterator[tuple[list[int], list[tuple[str, str, int]], Tensor]]:
+    """Per batch of `batch_size` captions: their indices, (caption, image path, pid) rows, and their own
+    images (evaluation transform) on `device`."""
+    transform = build_transforms(tuple(image_size), is_train=False)
+    for start in range(0, len(keys), batch_size):
+        chunk = keys[start:start + batch_size]
+        rows = [source.get(i) for i in chunk]
+        images = torch.stack([transform(open_image(path)) for _, path, _ in rows])
+        yield chunk, rows, images.to(torch.device(device))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside the block, its training flag restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def noise_detection_auc(model: nn.Module, root: str, *, image_size: Sequence[int], annotation: str = "",
                         text_length: int = 77, batch_size: int = 32, device: torch.device | str = "cpu",
                         scorers: Iterable[str] = ("model",), seed: int = 0) -> dict[str, dict[str, list[float]]]:
@@ -304,28 +341,17 @@ def noise_detection_auc(model: nn.Module, root: str, *, image_size: Sequence[int
     for name in scorers:
         if name not in SCORERS:
             raise ValueError(f"unknown scorer {name!r}; valid: {', '.join(SCORERS)}")
-    report = load_noise_report(root)
-    if report is None:
-        raise NoiseReportError(f"{root} has no {NOISE_REPORT} (made by tools/make_synthetic.py)")
-    source = CaptionSource(build_dataset("WebPerson", root, annotation=annotation), "train")
-    noisy = match_noise_entries(report, "WebPerson", source)
+    source, noisy = _noisy_training_captions(root, annotation)
     if not noisy:
         raise NoiseReportError(f"no noisy WebPerson training caption of {root} is listed in its noise report")
-    device = torch.device(device)
     tokenizer = Tokenizer()
-    transform = build_transforms(tuple(image_size), is_train=False)
     generator = torch.Generator().manual_seed(seed)
     score_fns = {name: _scorer(name, model, generator) for name in scorers}
     aucs: dict[str, dict[str, list[float]]] = {name: {} for name in scorers}
-    was_training = model.training
-    model.eval()
-    keys = list(noisy)
-    try:
-        for start in range(0, len(keys), batch_size):
-            chunk = keys[start:start + batch_size]
-            rows = [source.get(i) for i in chunk]
-            images = torch.stack([transform(open_image(path)) for _, path, _ in rows]).to(device)
-            ids = tokenizer.tokenize([caption for caption, _, _ in rows], text_length).to(device)
+    with _eval_mode(model):
+        for chunk, rows, images in _image_batches(source, list(noisy), image_size=image_size, batch_size=batch_size,
+                                                  device=device):
+            ids = tokenizer.tokenize([caption for caption, _, _ in rows], text_length).to(images.device)
             with torch.no_grad():
                 feats = model.encode_image(images)
             # GASS differentiates through the text tower: no inference_mode around the scorers.
@@ -341,8 +367,6 @@ def noise_detection_auc(model: nn.Module, root: str, *, image_size: Sequence[int
                     auc = caption_auc(scores[name][row, positions], flags)
                     if not np.isnan(auc):
                         aucs[name].setdefault(kind, []).append(auc)
-    finally:
-        model.train(was_training)
     if not any(aucs[name] for name in scorers):
         raise NoiseReportError("no corrupted caption has both clean and corrupted word tokens")
     return aucs
@@ -358,34 +382,22 @@ def clean_preference(model: nn.Module, root: str, *, image_size: Sequence[int], 
     image with the clean caption of the noise report vs with the corrupted one; ties
     count half): no token score can single out words the model itself ignores.
     """
-    report = load_noise_report(root)
-    if report is None:
-        raise NoiseReportError(f"{root} has no {NOISE_REPORT} (made by tools/make_synthetic.py)")
-    source = CaptionSource(build_dataset("WebPerson", root, annotation=annotation), "train")
-    noisy = {k: e for k, e in match_noise_entries(report, "WebPerson", source).items() if e.get("clean")}
-    device = torch.device(device)
+    source, noisy = _noisy_training_captions(root, annotation)
+    noisy = {k: e for k, e in noisy.items() if e.get("clean")}
     tokenizer = Tokenizer()
-    transform = build_transforms(tuple(image_size), is_train=False)
     prefers: dict[str, list[float]] = {}
-    was_training = model.training
-    model.eval()
-    keys = list(noisy)
-    try:
-        for start in range(0, len(keys), batch_size):
-            chunk = keys[start:start + batch_size]
-            rows = [source.get(i) for i in chunk]
-            images = torch.stack([transform(open_image(path)) for _, path, _ in rows]).to(device)
+    with _eval_mode(model):
+        for chunk, rows, images in _image_batches(source, list(noisy), image_size=image_size, batch_size=batch_size,
+                                                  device=device):
             image = F.normalize(model.encode_image(images).float(), dim=-1)
             sims = []
             for texts in ([caption for caption, _, _ in rows], [noisy[k]["clean"] for k in chunk]):
-                ids = tokenizer.tokenize(texts, text_length).to(device)
+                ids = tokenizer.tokenize(texts, text_length).to(images.device)
                 sims.append((F.normalize(model.encode_text(ids).float(), dim=-1) * image).sum(-1).cpu())
             for row, key in enumerate(chunk):
                 noisy_sim, clean_sim = float(sims[0][row]), float(sims[1][row])
                 won = 1.0 if clean_sim > noisy_sim else 0.5 if clean_sim == noisy_sim else 0.0
                 prefers.setdefault(str(noisy[key].get("kind", "unknown")), []).append(won)
-    finally:
-        model.train(was_training)
     return summarize_aucs(prefers)
 
 
