@@ -28,7 +28,6 @@ sha256 (also in ``SHA256SUMS``, for ``sha256sum -c``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -39,10 +38,8 @@ import re
 import sys
 import tarfile
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,6 +51,7 @@ from datasets.bases import AnnotationError, ImageReadError  # noqa: E402
 from datasets.bases import read_image_bytes as read_source_bytes  # noqa: E402
 from datasets.synthetic import OutputExistsError, check_claimable, claim_folder  # noqa: E402
 from datasets.webperson import CAPTION_KEYS, PREPARED_MARKER, WebPerson, WebPersonIndex  # noqa: E402
+from utils.checkpoint import atomic_write  # noqa: E402
 from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.threads import available_cores, cgroup_cpu_quota  # noqa: E402
 
@@ -73,7 +71,9 @@ FITS = ("cover", "inside")
 _KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
 _SHARD = re.compile(r"^webperson-\d{6}\.tar$")
 _PART = re.compile(r"^\d{6}\.json$")
-_TMP = re.compile(r"\.[0-9a-f]{32}\.tmp$")
+#: Temp files of utils.checkpoint.atomic_write (".<name>.<pid>@<host>.<random>.tmp") and of the tool's
+#: versions before it ("<name>.<uuid hex>.tmp"): what a run killed mid-write leaves.
+_TMP = re.compile(r"^\..+\.\d+@.+\.tmp$|\.[0-9a-f]{32}\.tmp$")
 # Index caches the loader writes beside the shards (disposable; removed with the shards).
 _LOADER_CACHE = re.compile(r"^(webperson-index-[0-9a-f]+\.npz|webperson-\d{6}\.tar\.index\.npz)$")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -201,28 +201,9 @@ def prepare_image(data: bytes, options: ImageOptions) -> tuple[str, bytes, str]:
 # --------------------------------------------------------------------------- files
 
 
-@contextlib.contextmanager
-def _atomic_file(path: str) -> Iterator[BinaryIO]:
-    """Write ``path`` whole or not at all: a temp file beside it, synced, then renamed over it.
-
-    A run killed before the rename leaves only the temp file, which the next run deletes.
-    """
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _write_atomic(path: str, data: bytes) -> None:
-    with _atomic_file(path) as f:
-        f.write(data)
+    """Write `data` to `path` whole or not at all."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -312,23 +293,28 @@ def write_shard(job: Job, shard: int) -> dict[str, Any]:
     path = os.path.join(job.out, name)
     actions = {"resized": 0, "encoded": 0, "copied": 0}
     skipped: list[dict[str, str]] = []
-    with _atomic_file(path) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for image in range(first, end):
-            key = f"{image:09d}"
-            _, _, image_path, caption1 = job.index[2 * image]
-            caption2 = job.index[2 * image + 1][3]
-            try:
-                ext, data, action = prepare_image(read_image_bytes(image_path), job.options)
-            except BadImage as e:
-                if job.strict:
-                    raise ImageReadError(image_path, f"{e.reason} (--strict; without it the image is skipped "
-                                                     "and listed in the manifest)") from e
-                skipped.append({"key": key, "image": image_path, "reason": e.reason})
-                continue
-            actions[action] += 1
-            tar.addfile(*_tar_member(f"{key}.{ext}", data))
-            captions = dict(zip(CAPTION_KEYS, (caption1, caption2), strict=True))
-            tar.addfile(*_tar_member(f"{key}.json", json.dumps(captions, ensure_ascii=False).encode("utf-8")))
+
+    def write(raw: IO[bytes]) -> None:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for image in range(first, end):
+                key = f"{image:09d}"
+                _, _, image_path, caption1 = job.index[2 * image]
+                caption2 = job.index[2 * image + 1][3]
+                try:
+                    ext, data, action = prepare_image(read_image_bytes(image_path), job.options)
+                except BadImage as e:
+                    if job.strict:
+                        raise ImageReadError(image_path, f"{e.reason} (--strict; without it the image is skipped "
+                                                         "and listed in the manifest)") from e
+                    skipped.append({"key": key, "image": image_path, "reason": e.reason})
+                    continue
+                actions[action] += 1
+                tar.addfile(*_tar_member(f"{key}.{ext}", data))
+                captions = dict(zip(CAPTION_KEYS, (caption1, caption2), strict=True))
+                tar.addfile(*_tar_member(f"{key}.json", json.dumps(captions, ensure_ascii=False).encode("utf-8")))
+
+    # Whole or not at all: a run killed mid-shard leaves only a temp file (_TMP), which the next run deletes.
+    atomic_write(path, write)
     record = {"plan": job.plan_digest, "name": name, "first_image": first, "end_image": end,
               "images": end - first - len(skipped), "bytes": os.path.getsize(path), "sha256": _sha256(path),
               "actions": actions, "skipped_images": skipped}
