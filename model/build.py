@@ -24,11 +24,11 @@ from model.clip import CLIP, build_clip_from_config
 from model.gass import ATTN_NORMS, NORMALIZATIONS, css_scores, gass_scores
 from model.heads import CrossModalMLM, build_classifier, build_mlm_modules
 from utils import comm
-from utils.config import check_gass_depth
+from utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GADMS", "TrainOutput", "build_model"]
+__all__ = ["GADMS", "TrainOutput", "build_model", "check_gass_depth"]
 
 SCORINGS = ("gass", "css")
 
@@ -177,6 +177,26 @@ class GADMS(CrossModalMLM, nn.Module):
         if self.gass and self.training:
             aux["gass_scores"] = self.token_scores(image_feats.detach(), clean_ids)
         return TrainOutput(losses, metrics, aux)
+
+
+def check_gass_depth(cfg: Any, text_layers: int) -> None:
+    """Check `gass.num_layers` against the text depth of the backbone the model was built with.
+
+    The depth depends on the CLIP preset or checkpoint, which `load_config` does not read,
+    so the model builder calls this once it knows it. Only GASS scoring reads the layers:
+    the check applies when `gass.enabled` and `gass.scoring` is ``gass``.
+
+    Raises:
+        ConfigError: `gass.num_layers` is not an integer in ``[1, text_layers]``.
+    """
+    gass = cfg["gass"]
+    if not gass["enabled"] or gass["scoring"] != "gass":
+        return
+    layers = gass["num_layers"]
+    if isinstance(layers, int) and not isinstance(layers, bool) and 1 <= layers <= text_layers:
+        return
+    raise ConfigError(f"gass.num_layers={layers!r}: must be an integer in [1, {text_layers}], the text depth of the "
+                      f"model (model.clip.arch={cfg['model']['clip']['arch']!r})")
 
 
 def build_model(cfg: Any, num_classes: int = 0, *, backbone: CLIP | None = None) -> GADMS:

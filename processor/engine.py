@@ -132,9 +132,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_lr_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and cfg.precision == "fp16")
-        self.ddp_model: nn.Module = (DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.world_size > 1 else self.model)
+        self.ddp_model = self._distributed(self.model)
         self.checkpointer = Checkpointer(self.run_dir, model=self.model, optimizer=self.optimizer,
                                          scheduler=self.scheduler, scaler=self.scaler,
                                          checkpointables=task.checkpointables(), config=cfg,
@@ -172,6 +170,12 @@ class Trainer:
         return self.loop.nonfinite_total
 
     # ----------------------------------------------------------------- setup
+    def _distributed(self, model: nn.Module) -> nn.Module:
+        """The model the step calls: DDP over the processes, or the model itself for one process."""
+        if self.world_size == 1:
+            return model
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
     def _start_run(self, cfg: Config) -> torch.device:
         """Device, seeds, determinism, the saved config and the thread count; returns the device."""
         device = resolve_device(cfg.device)

@@ -4,7 +4,7 @@
 dataset and no method: it iterates epochs and batches, runs one optimisation step
 per batch and calls its hooks at fixed points. Everything else — metric logging,
 evaluation and model selection, checkpoints, a method's own state (pretraining's
-GASS score cache) — is a `HookBase` (processor/hooks.py, processor/pretrain.py).
+token-score cache) — is a `HookBase` (processor/hooks.py, processor/pretrain.py).
 
 What it expects of its inputs:
 
@@ -182,12 +182,12 @@ class TrainLoop:
                     self._call("after_step", batch, output)
             elif comm.get_world_size() > 1:
                 # The other ranks are inside a DDP step this rank cannot join.
-                raise RuntimeError("every sample of a batch was unreadable (data.skip_bad_images); "
+                raise RuntimeError("every image of a batch was unreadable (data.skip_bad_images); "
                                    "run tools/check_data.py and fix or remove the files")
             if stop.should_stop():  # collective: every rank stops after the same step
                 break
         if self.skipped_samples:
-            logger.warning("epoch %d: skipped %d unreadable sample(s) (data.skip_bad_images)", epoch,
+            logger.warning("epoch %d: skipped %d unreadable image(s) (data.skip_bad_images)", epoch,
                            self.skipped_samples)
         return self.batches_done
 

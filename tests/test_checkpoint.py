@@ -557,6 +557,15 @@ def test_utils_import_nothing_from_model_or_processor():
     assert offenders == []
 
 
+def test_generic_layers_name_no_method():
+    """The loop, its common hooks, the engine and utils/ know no method: GASS belongs to processor/pretrain.py."""
+    files = [*sorted((REPO_ROOT / "utils").glob("*.py")),
+             *(REPO_ROOT / "processor" / f"{name}.py" for name in ("engine", "loop", "hooks"))]
+    named = [f"{p.relative_to(REPO_ROOT)}:{i}" for p in files
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if "gass" in line.lower()]
+    assert named == []
+
+
 def test_unwrap_model_and_autocast_choice():
     from utils.device import autocast_context, autocast_dtype, unwrap_model
 

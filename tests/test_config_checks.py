@@ -8,8 +8,9 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from utils.config import DEFAULT_SCHEMA, ConfigError, apply_overrides, check_config, check_gass_depth, load_config
-from utils.config_checks import RULES
+from configs.rules import RULES
+from model.build import check_gass_depth
+from utils.config import DEFAULT_SCHEMA, ConfigError, apply_overrides, check_config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_PRETRAIN = REPO / "configs" / "demo" / "tiny_pretrain.yaml"

@@ -12,7 +12,7 @@ A mapping declared in the schema as an empty mapping (`{}`) is free-form: any
 keys may be set beneath it.
 
 Once resolved, every value is checked against its range and the relations
-between keys (`utils.config_checks`): a learning rate of 0 or a caption length
+between keys (`configs/rules.py`): a learning rate of 0 or a caption length
 of 2 is a ConfigError naming the key, the value, the file or override that set
 it and what is allowed, never a silently useless run.
 """
@@ -29,7 +29,8 @@ from typing import Any
 
 import yaml
 
-from utils.config_checks import config_violations, gass_depth_violation
+from configs.rules import RELATIONS, RULES
+from utils.config_checks import config_violations
 from utils.errors import UserInputError
 
 BASE_KEY = "_base_"
@@ -37,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SCHEMA = REPO_ROOT / "configs" / "base.yaml"
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "apply_overrides", "check_config",
-           "check_gass_depth", "DEFAULT_SCHEMA"]
+           "DEFAULT_SCHEMA"]
 
 
 class ConfigError(UserInputError, ValueError):
@@ -363,7 +364,7 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), *
 
 
 def check_config(cfg: Config, origins: dict[str, str] | None = None) -> None:
-    """Check every value's range and the relations between keys (`utils.config_checks`).
+    """Check every value's range and the relations between keys (`configs/rules.py`).
 
     Args:
         cfg: A resolved config.
@@ -372,23 +373,9 @@ def check_config(cfg: Config, origins: dict[str, str] | None = None) -> None:
     Raises:
         ConfigError: listing every violation, each with its key, value and allowed range.
     """
-    problems = config_violations(cfg, origins)
+    problems = config_violations(cfg, RULES, RELATIONS, origins)
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
-
-
-def check_gass_depth(cfg: Config, text_layers: int) -> None:
-    """Check `gass.num_layers` against the text depth of the backbone the model was built with.
-
-    The depth depends on the CLIP preset or checkpoint, which `load_config` does not read,
-    so the model builder calls this once it knows it.
-
-    Raises:
-        ConfigError: GASS scoring is on and `gass.num_layers` is not in ``[1, text_layers]``.
-    """
-    problem = gass_depth_violation(cfg, text_layers)
-    if problem:
-        raise ConfigError(problem)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -1,4 +1,4 @@
-"""Small PIL drawing helpers shared by the image-grid tools (search, visualize_gass, visualize_retrieval).
+"""Small PIL drawing helpers shared by the image-grid tools (search and the figure tools).
 
 Fonts, text wrapping, thumbnails (and the allowed thumbnail heights), frames, and a
 white -> dark-red score colour map with its colour bar. Charts with axes are drawn with matplotlib (utils/plots.py).

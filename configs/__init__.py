@@ -1,0 +1,1 @@
+"""The configs: defaults and presets (YAML) and the rules of their values (`configs.rules`)."""
