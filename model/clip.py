@@ -35,13 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from model.weights import (
-    CheckpointNotFoundError,
-    CheckpointReadError,
-    IncompatibleWeightsError,
-    read_checkpoint,
-    unwrap_state_dict,
-)
+from model.weights import IncompatibleWeightsError, unwrap_state_dict
+from utils.checkpoint import CheckpointNotFoundError, CheckpointReadError, read_checkpoint
 from utils.config import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -20,15 +20,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from utils.checkpoint import CheckpointNotFoundError, CheckpointReadError, read_checkpoint
+from utils.checkpoint import read_checkpoint
 from utils.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
-# The checkpoint reader (read_checkpoint and its errors) lives in utils/checkpoint.py, beside the
-# writer; it is named here for its many importers.
-__all__ = ["CheckpointNotFoundError", "CheckpointReadError", "IncompatibleWeightsError", "LoadReport",
-           "read_checkpoint", "unwrap_state_dict", "load_checkpoint_weights", "load_model_weights", "load_pretrained"]
+__all__ = ["IncompatibleWeightsError", "LoadReport", "unwrap_state_dict", "load_checkpoint_weights", "load_model_weights",
+           "load_pretrained"]
 
 WRAPPER_KEYS = ("model", "state_dict")
 # Keys a checkpoint may carry that no model here has: CLIP's learnable temperature,

@@ -28,13 +28,10 @@ from utils import comm
 from utils.device import autocast_dtype, dtype_autocast, unwrap_model
 from utils.errors import UserInputError
 from utils.metrics import format_table, rank_metrics_from_features
-from utils.metrics_log import append_metrics, is_number, read_metrics, supersede_metrics
 
 logger = logging.getLogger(__name__)
 
-# The metrics.jsonl helpers live in utils/metrics_log.py; named here for their importers
-# (processor/pretrain.py, tools/test.py, tools/robustness.py, tools/make_tables.py).
-__all__ = ["Evaluator", "build_evaluator", "append_metrics", "read_metrics", "supersede_metrics", "is_number"]
+__all__ = ["Evaluator", "NothingToEvaluateError", "build_evaluator", "eval_splits"]
 
 
 class Evaluator:

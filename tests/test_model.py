@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from model.build import build_model
-from model.weights import (
-    CheckpointNotFoundError,
-    CheckpointReadError,
-    IncompatibleWeightsError,
-    load_model_weights,
-    load_pretrained,
-    read_checkpoint,
-)
+from model.weights import IncompatibleWeightsError, load_model_weights, load_pretrained
+from utils.checkpoint import CheckpointNotFoundError, CheckpointReadError, read_checkpoint
 from utils.config import load_config
 from utils.errors import UserInputError
 

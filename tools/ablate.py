@@ -43,12 +43,12 @@ import yaml  # noqa: E402
 
 from datasets.synthetic import SyntheticConfig, generate  # noqa: E402
 from model import build_model  # noqa: E402
-from model.weights import load_model_weights, read_checkpoint, unwrap_state_dict  # noqa: E402
+from model.weights import load_model_weights, unwrap_state_dict  # noqa: E402
 from processor.backbone import DEFAULT_CACHE, make_backbone, settings_for  # noqa: E402
 from processor.engine import Trainer  # noqa: E402
 from processor.noise_detection import NOISE_KINDS, noise_detection_auc, summarize_aucs  # noqa: E402
 from processor.pretrain import PretrainTask  # noqa: E402
-from utils.checkpoint import atomic_write  # noqa: E402
+from utils.checkpoint import atomic_write, read_checkpoint  # noqa: E402
 from utils.cli import ToolError, one_line  # noqa: E402
 from utils.config import Config, apply_overrides, load_config  # noqa: E402
 from utils.errors import UserInputError  # noqa: E402
