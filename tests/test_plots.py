@@ -17,13 +17,14 @@ import torch
 
 from datasets import build_dataset
 from model import build_model
+from processor import retrieval_figure
 from processor.evaluate import build_evaluator
 from processor.inference import load_for_evaluation
 from tests.conftest import REPO, load_tool
 from utils.checkpoint import Checkpointer
 from utils.cli import read_records
 from utils.config import load_config, save_config
-from utils.plots import RunCurves, SciFormatter, curves_figure, panel_keys, save_figure
+from utils.plots import RunCurves, SciFormatter, collect_curves, curves_figure, panel_keys, run_names, save_figure
 
 plot_curves = load_tool("plot_curves")
 visualize_retrieval = load_tool("visualize_retrieval")
@@ -78,7 +79,7 @@ def lines_of(ax):
 @pytest.fixture
 def figure(tmp_path):
     run = write_run(tmp_path / "finetune", RECORDS)
-    fig = curves_figure([plot_curves.collect_curves(read_records(str(run / "metrics.jsonl")), "finetune")])
+    fig = curves_figure([collect_curves(read_records(str(run / "metrics.jsonl")), "finetune")])
     fig.canvas.draw()  # tick labels exist once drawn
     return fig
 
@@ -141,8 +142,8 @@ def test_sci_formatter_uses_the_fewest_digits_that_keep_ticks_apart():
 
 def test_several_runs_overlaid_or_in_columns(tmp_path):
     short = [{**r, "lr": 2 * r["lr"]} if r["type"] == "train" else r for r in RECORDS if r["epoch"] < 2]
-    pretrain = plot_curves.collect_curves(short, "pretrain")
-    finetune = plot_curves.collect_curves(RECORDS + [_train(4, 37.0, 26.5, 8.2, 5e-4, id_loss=2.5)], "finetune")
+    pretrain = collect_curves(short, "pretrain")
+    finetune = collect_curves(RECORDS + [_train(4, 37.0, 26.5, 8.2, 5e-4, id_loss=2.5)], "finetune")
     overlay = curves_figure([pretrain, finetune])
     assert panel_keys([pretrain, finetune]) == ["loss", "id_loss", "mlm_loss", "sdm_loss", "R1", "mAP", "lr"]
     assert len(overlay.axes) == 7
@@ -168,7 +169,7 @@ def test_several_runs_overlaid_or_in_columns(tmp_path):
     assert not grid[3, 0].get_shared_y_axes().joined(grid[3, 0], grid[3, 1])
     assert grid[3, 0].get_ylim() != grid[3, 1].get_ylim()
 
-    assert plot_curves.run_names(["runs/a/finetune", "runs/b/finetune", "runs/pre"]) == [
+    assert run_names(["runs/a/finetune", "runs/b/finetune", "runs/pre"]) == [
         "runs/a/finetune", "runs/b/finetune", "pre"]
 
 
@@ -194,7 +195,7 @@ def test_pdf_svg_and_png_are_written_vector_where_asked(tmp_path, capsys):
             again = tmp_path / f"again-{fmt}"
             assert plot_curves.main(["--run", str(run), "--out", str(again), "--format", fmt, "--dpi", "60"]) == 0
             assert again.read_bytes() == data, fmt
-    assert plot_curves.collect_curves(RECORDS, "r", x="step").losses["sdm_loss"] == {
+    assert collect_curves(RECORDS, "r", x="step").losses["sdm_loss"] == {
         9 * (e + 1): v for e, v in expected(RECORDS, "train", "sdm_loss")}
 
 
@@ -225,7 +226,7 @@ def test_bad_formats_and_runs_are_one_line_errors(tmp_path, capsys):
 def test_selected_checkpoint_is_best_else_last(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    with pytest.raises(visualize_retrieval.ToolError, match="holds neither best_CUHK-PEDES.pth nor last.pth"):
+    with pytest.raises(retrieval_figure.RetrievalFigureError, match="holds neither best_CUHK-PEDES.pth nor last.pth"):
         visualize_retrieval.selected_checkpoint(str(run), "CUHK-PEDES")
     (run / "last.pth").write_bytes(b"")
     assert visualize_retrieval.selected_checkpoint(str(run), "CUHK-PEDES") == (
@@ -235,31 +236,21 @@ def test_selected_checkpoint_is_best_else_last(tmp_path):
         str(run / "best_CUHK-PEDES.pth"), "the run's selected checkpoint for CUHK-PEDES")
     # The best file of another dataset is not this dataset's selection.
     assert visualize_retrieval.selected_checkpoint(str(run), "RSTPReid")[0] == str(run / "last.pth")
-    with pytest.raises(visualize_retrieval.ToolError, match="not found"):
+    with pytest.raises(retrieval_figure.RetrievalFigureError, match="not found"):
         visualize_retrieval.selected_checkpoint(str(tmp_path / "nope"), "CUHK-PEDES")
 
 
 def test_demo_draws_the_retrieval_figure_from_the_selected_checkpoint(tmp_path, monkeypatch):
-    """draw_figures runs the real visualize_retrieval argument handling; only the model loading is replaced."""
+    """draw_figures draws the real retrieval figure (processor.retrieval_figure); only the model loading is replaced."""
     finetune = tmp_path / "finetune"
     finetune.mkdir()
     loaded = []
 
     def load_run_model(checkpoint, config, overrides, trust=False):
         loaded.append(checkpoint)
-        raise visualize_retrieval.ToolError("stop after choosing the checkpoint")
+        raise retrieval_figure.RetrievalFigureError("stop after choosing the checkpoint")
 
-    class FigureTool:
-        def __init__(self, name):
-            self.name = name
-
-        def main(self, argv):
-            if self.name == "visualize_retrieval":
-                return visualize_retrieval.main(argv)
-            return 1  # the other figures are not under test here
-
-    monkeypatch.setattr(visualize_retrieval, "load_run_model", load_run_model)
-    monkeypatch.setattr(demo, "_tool", FigureTool)
+    monkeypatch.setattr(retrieval_figure, "load_run_model", load_run_model)
     for present, chosen in ((["last.pth"], "last.pth"), (["last.pth", "best_CUHK-PEDES.pth"], "best_CUHK-PEDES.pth")):
         for name in present:
             (finetune / name).write_bytes(b"")
@@ -289,7 +280,7 @@ def test_visualize_retrieval_run_ranks_with_the_best_checkpoint(synthetic_root, 
     for name in ("best_CUHK-PEDES", "last"):
         model = load_for_evaluation(cfg, str(run / f"{name}.pth")).eval()
         feats = build_evaluator(cfg, {"CUHK-PEDES": split}, "cpu").extract(model, split)
-        rankings[name] = [r.ranked for r in visualize_retrieval.rank_queries(feats, split, queries, 5)]
+        rankings[name] = [r.ranked for r in retrieval_figure.rank_queries(feats, split, queries, 5)]
     assert rankings["best_CUHK-PEDES"] != rankings["last"]  # else this test could not tell them apart
 
     out = tmp_path / "retrieval.png"

@@ -23,12 +23,14 @@ from datasets.bases import open_image
 from datasets.masking import informative_mask, noise_mask
 from datasets.transforms import build_transforms
 from model.tokenizer import Tokenizer
+from processor import noise_detection, retrieval_figure
 from processor.evaluate import build_evaluator
 from processor.inference import load_for_evaluation
 from tests.conftest import REPO, load_tool
 from utils.cli import one_line
 from utils.config import load_config
 from utils.output_paths import OutputPathError, check_output_path, unwritable_reason
+from utils.plots import collect_curves
 from utils.run_lock import RunDirLock, RunDirUnusableError
 from utils.visualize import GREEN, GREY, RED, save_png, score_colour
 
@@ -310,7 +312,7 @@ def test_visualize_retrieval_frames_match_correctness(trained, reference, synthe
                                      "--root", str(synthetic_root), "--query-index", *map(str, queries),
                                      "--thumb-height", "96", "--out", str(out)]) == 0
     assert "first correct at rank" in capsys.readouterr().out
-    layout = visualize_retrieval.make_layout((64, 32), 96, 10)
+    layout = retrieval_figure.make_layout((64, 32), 96, 10)
     pixels = not_blank(out)
     assert pixels.shape[:2] == (layout.height(2), layout.width)
     seen = set()
@@ -339,25 +341,25 @@ def test_visualize_retrieval_rejects_bad_query_index(trained, synthetic_root, tm
 
 
 def _word_set(tokenizer, text):
-    tokens = visualize_gass.token_pieces(tokenizer, tokenizer.tokenize(text)[0].tolist())
-    return {"".join(tokens[i].text for i in w) for w in visualize_gass.group_words(tokens)}
+    tokens = noise_detection.token_pieces(tokenizer, tokenizer.tokenize(text)[0].tolist())
+    return {"".join(tokens[i].text for i in w) for w in noise_detection.group_words(tokens)}
 
 
 def test_token_pieces_and_corrupted_positions():
     tok = Tokenizer()
     ids = tok.tokenize("A man in a red t-shirt, carrying a rucksack.")[0].tolist()
-    tokens = visualize_gass.token_pieces(tok, ids)
-    words = ["".join(tokens[i].text for i in w) for w in visualize_gass.group_words(tokens)]
+    tokens = noise_detection.token_pieces(tok, ids)
+    words = ["".join(tokens[i].text for i in w) for w in noise_detection.group_words(tokens)]
     assert words == ["a", "man", "in", "a", "red", "t", "-", "shirt", ",", "carrying", "a", "rucksack", "."]
     assert [t.position for t in tokens] == list(range(1, ids.index(tok.eot_id)))
     assert "".join(t.text + (" " if t.word_end else "") for t in tokens).split() == words
 
     noisy = tok.tokenize("A man in a blue coat.")[0].tolist()
-    assert visualize_gass.corrupted_positions(tok, noisy, "A man in a red coat.") == {5}
+    assert noise_detection.corrupted_positions(tok, noisy, "A man in a red coat.") == {5}
     inserted = tok.tokenize("The photo was taken at noon. A man in a red coat.")[0].tolist()
-    assert visualize_gass.corrupted_positions(tok, inserted, "A man in a red coat.") == set(range(1, 8))
+    assert noise_detection.corrupted_positions(tok, inserted, "A man in a red coat.") == set(range(1, 8))
     # Without the clean caption the listed words are marked.
-    assert visualize_gass.corrupted_positions(tok, noisy, None, ["blue"]) == {5}
+    assert noise_detection.corrupted_positions(tok, noisy, None, ["blue"]) == {5}
 
 
 def test_visualize_gass_scores_masks_and_noise_marks(trained, reference, synthetic_root, tmp_path):
@@ -402,27 +404,27 @@ def test_visualize_gass_scores_masks_and_noise_marks(trained, reference, synthet
 
 
 def _word_spans(tokens):
-    return [{tokens[i].position for i in w} for w in visualize_gass.group_words(tokens)]
+    return [{tokens[i].position for i in w} for w in noise_detection.group_words(tokens)]
 
 
 def test_caption_source_and_noise_report_matching(synthetic_root):
     bench = build_dataset("CUHK-PEDES", str(synthetic_root))
-    test = visualize_gass.CaptionSource(bench, "test")
+    test = noise_detection.CaptionSource(bench, "test")
     for i in (0, 7, 47):
         caption, path, pid = test.get(i)
         assert caption == bench.test.captions[i] and pid == int(bench.test.caption_pids[i])
         assert os.path.basename(path).startswith(f"{pid:05d}_00")  # first gallery image of the identity
 
-    web = visualize_gass.CaptionSource(build_dataset("WebPerson", str(synthetic_root), annotation="shards"), "train")
-    report = visualize_gass.load_noise_report(str(synthetic_root / "WebPerson"))  # found in the parent folder
+    web = noise_detection.CaptionSource(build_dataset("WebPerson", str(synthetic_root), annotation="shards"), "train")
+    report = noise_detection.load_noise_report(str(synthetic_root / "WebPerson"))  # found in the parent folder
     section = report["webperson"]
-    found = visualize_gass.match_noise_entries(report, "WebPerson", web)
+    found = noise_detection.match_noise_entries(report, "WebPerson", web)
     assert found == {int(k): e for k, e in section.items()}
     # A key that does not line up with the sample order is found by its caption text.
     key, entry = next(iter(section.items()))
     moved = {"webperson": {"100000": entry}, "benchmark": {}}
-    assert visualize_gass.match_noise_entries(moved, "WebPerson", web) == {int(key): entry}
-    assert visualize_gass.match_noise_entries(report, "CUHK-PEDES", test) == {}
+    assert noise_detection.match_noise_entries(moved, "WebPerson", web) == {int(key): entry}
+    assert noise_detection.match_noise_entries(report, "CUHK-PEDES", test) == {}
 
 
 def test_visualize_gass_errors(trained, synthetic_root, tmp_path, capsys):
@@ -461,7 +463,7 @@ def test_plot_curves_of_the_trained_run(trained, tmp_path, capsys):
     assert f"saved {out} (png)" in capsys.readouterr().out
 
     records = [json.loads(line) for line in open(trained / "metrics.jsonl")]
-    curves = plot_curves.collect_curves(records, "run")
+    curves = collect_curves(records, "run")
     train = [r for r in records if r["type"] == "train"]
     assert curves.losses["sdm_loss"] == {r["epoch"]: r["sdm_loss"] for r in train}
     assert curves.lr == {r["epoch"]: r["lr"] for r in train}
@@ -485,7 +487,7 @@ def test_plot_curves_without_eval_records_and_bad_lines(tmp_path, capsys):
     out = tmp_path / "c.png"
     assert plot_curves.main(["--run", str(run), "--out", str(out)]) == 0
     not_blank(out)
-    curves = plot_curves.collect_curves(lines, "run")
+    curves = collect_curves(lines, "run")
     assert curves.retrieval == {}
     assert list(curves.losses) == ["loss", "mlm_loss", "sdm_loss"]
     assert curves.losses["loss"] == {0: 5.0, 1: 4.0, 2: 9.0}  # the re-logged epoch replaces the first

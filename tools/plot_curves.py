@@ -19,55 +19,14 @@ re-logged it) the later one wins.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.cli import ToolError, read_records, run_tool  # noqa: E402
-from utils.metrics_log import is_number  # noqa: E402
+from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.output_paths import check_output_path  # noqa: E402
-from utils.plots import FORMATS, LAYOUTS, RETRIEVAL_METRICS, RunCurves, curves_figure, save_figure  # noqa: E402
-
-#: What the x axis can count: both are in every train and eval record.
-X_KEYS = ("epoch", "step")
-
-
-def collect_curves(records: list[dict[str, Any]], name: str, x: str = "epoch") -> RunCurves:
-    """The curves of one run's records, keyed by the records' `x` ("epoch" or "step").
-
-    Train records give every `*_loss` and the total `loss`, and `lr`; text-to-image eval
-    records give R1 and mAP per "<dataset> <split>". Records without a numeric `x` are skipped.
-    """
-    curves = RunCurves(name)
-    for record in records:
-        at = record.get(x)
-        if not is_number(at):
-            continue
-        at = int(at)
-        if record.get("type") == "train":
-            for key, value in record.items():
-                if (key == "loss" or key.endswith("_loss")) and is_number(value):
-                    curves.losses.setdefault(key, {})[at] = float(value)
-            if is_number(record.get("lr")):
-                curves.lr[at] = float(record["lr"])
-        elif record.get("type") == "eval" and record.get("task", "t2i") == "t2i":
-            evaluated = f"{record.get('dataset', '?')} {record.get('split', '?')}"
-            for metric in RETRIEVAL_METRICS:
-                if is_number(record.get(metric)):
-                    curves.retrieval.setdefault(metric, {}).setdefault(evaluated, {})[at] = float(record[metric])
-    # The total first, then the terms and sets alphabetically, so colours are stable across runs.
-    curves.losses = dict(sorted(curves.losses.items(), key=lambda kv: (kv[0] != "loss", kv[0])))
-    curves.retrieval = {m: dict(sorted(sets.items())) for m, sets in curves.retrieval.items()}
-    return curves
-
-
-def run_names(paths: list[str]) -> list[str]:
-    """Legend names of the runs: their folder names, or the paths as given where two folder names are alike."""
-    names = [os.path.basename(os.path.normpath(p)) for p in paths]
-    return [n if names.count(n) == 1 else os.path.normpath(p) for n, p in zip(names, paths)]
+from utils.plots import FORMATS, LAYOUTS, X_KEYS, describe_curves, plot_run_curves  # noqa: E402
 
 
 def figure_format(out: str, fmt: str | None) -> str:
@@ -117,20 +76,9 @@ def run(args: argparse.Namespace) -> int:
     if not 30 <= args.dpi <= 1200:
         raise ToolError(f"--dpi must be between 30 and 1200, got {args.dpi}")
     out = check_output_path(args.out, "--out")
-    runs = []
-    for path, name in zip(args.run, run_names(args.run)):
-        if not os.path.isdir(path):
-            raise ToolError(f"run directory {path} not found")
-        curves = collect_curves(read_records(os.path.join(path, "metrics.jsonl")), name, args.x)
-        if not (curves.losses or curves.retrieval or curves.lr):
-            raise ToolError(f"{os.path.join(path, 'metrics.jsonl')} has no train or eval records to plot")
-        runs.append(curves)
-    fig = curves_figure(runs, layout=args.layout, xlabel=args.x, figsize=figsize)
-    save_figure(fig, out, fmt, dpi=args.dpi)
+    runs = plot_run_curves(args.run, out, fmt, layout=args.layout, x=args.x, figsize=figsize, dpi=args.dpi)
     for curves in runs:
-        points = {x for values in curves.losses.values() for x in values}
-        evaluated = {s for sets in curves.retrieval.values() for s in sets}
-        print(f"{curves.name}: {len(points)} training {args.x}(s), {len(evaluated)} evaluated set(s)")
+        print(describe_curves(curves, args.x))
     print(f"saved {out} ({fmt})")
     return 0
 

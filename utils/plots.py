@@ -6,7 +6,9 @@ fitted to that term's values (a change from 28.8 to 26.9 fills the panel
 instead of a sliver of a 0-40 axis), retrieval R1 and mAP on axes from 0, and
 the learning rate with every tick in scientific notation. Several runs are
 overlaid in one column or sit side by side in one column each.
-`save_figure` writes PDF or SVG (vector) or PNG, atomically.
+`save_figure` writes PDF or SVG (vector) or PNG, atomically. `collect_curves` reads
+the curves of a run from its metrics.jsonl records, and `plot_run_curves` draws the
+runs of several run directories into one file (tools/plot_curves.py, tools/demo.py).
 
 The figures are `matplotlib.figure.Figure` objects on an Agg canvas: pyplot is
 never imported, so no figure outlives its caller and no display is needed.
@@ -19,6 +21,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 from matplotlib import ticker
@@ -27,11 +30,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from utils.checkpoint import atomic_write
+from utils.errors import UserInputError
+from utils.metrics_log import is_number, read_metrics
 from utils.output_paths import OutputPathError, unwritable_reason
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "LAYOUTS", "RETRIEVAL_METRICS", "RunCurves", "SciFormatter", "curves_figure", "panel_keys",
+__all__ = ["FORMATS", "LAYOUTS", "RETRIEVAL_METRICS", "X_KEYS", "CurvesInputError", "RunCurves", "SciFormatter",
+           "collect_curves", "curves_figure", "describe_curves", "panel_keys", "plot_run_curves", "run_names",
            "save_figure"]
 
 #: Output formats `save_figure` writes; pdf and svg are vector formats.
@@ -40,6 +46,8 @@ FORMATS = ("pdf", "svg", "png")
 LAYOUTS = ("overlay", "columns")
 #: Retrieval metrics drawn, one panel each (percentages, axes from 0).
 RETRIEVAL_METRICS = ("R1", "mAP")
+#: What the x axis can count: both are in every train and eval record.
+X_KEYS = ("epoch", "step")
 #: Line styles that tell the series of one run apart when runs are overlaid (colour is the run).
 _STYLES = ("-", "--", ":", "-.")
 #: Height of one panel, and width of the panels of a single column or of one of several, in inches.
@@ -222,3 +230,78 @@ def save_figure(fig: Figure, path: str | os.PathLike, fmt: str, *, dpi: int = 15
         raise OutputPathError(f"cannot write {path}: {reason}; choose another path") from err
     logger.info("wrote %s (%s)", path, fmt)
     return path
+
+
+# --------------------------------------------------------------------------- runs
+
+
+class CurvesInputError(UserInputError, ValueError):
+    """A run directory that is missing, or whose metrics.jsonl cannot be read or holds nothing to plot."""
+
+
+def collect_curves(records: list[dict[str, Any]], name: str, x: str = "epoch") -> RunCurves:
+    """The curves of one run's records, keyed by the records' `x` ("epoch" or "step").
+
+    Train records give every `*_loss` and the total `loss`, and `lr`; text-to-image eval
+    records give R1 and mAP per "<dataset> <split>". Records without a numeric `x` are skipped.
+    """
+    curves = RunCurves(name)
+    for record in records:
+        at = record.get(x)
+        if not is_number(at):
+            continue
+        at = int(at)
+        if record.get("type") == "train":
+            for key, value in record.items():
+                if (key == "loss" or key.endswith("_loss")) and is_number(value):
+                    curves.losses.setdefault(key, {})[at] = float(value)
+            if is_number(record.get("lr")):
+                curves.lr[at] = float(record["lr"])
+        elif record.get("type") == "eval" and record.get("task", "t2i") == "t2i":
+            evaluated = f"{record.get('dataset', '?')} {record.get('split', '?')}"
+            for metric in RETRIEVAL_METRICS:
+                if is_number(record.get(metric)):
+                    curves.retrieval.setdefault(metric, {}).setdefault(evaluated, {})[at] = float(record[metric])
+    # The total first, then the terms and sets alphabetically, so colours are stable across runs.
+    curves.losses = dict(sorted(curves.losses.items(), key=lambda kv: (kv[0] != "loss", kv[0])))
+    curves.retrieval = {m: dict(sorted(sets.items())) for m, sets in curves.retrieval.items()}
+    return curves
+
+
+def run_names(paths: Sequence[str]) -> list[str]:
+    """Legend names of the runs: their folder names, or the paths as given where two folder names are alike."""
+    names = [os.path.basename(os.path.normpath(p)) for p in paths]
+    return [n if names.count(n) == 1 else os.path.normpath(p) for n, p in zip(names, paths)]
+
+
+def plot_run_curves(run_dirs: Sequence[str], out: str | os.PathLike, fmt: str, *, layout: str = "overlay",
+                    x: str = "epoch", figsize: tuple[float, float] | None = None, dpi: int = 150) -> list[RunCurves]:
+    """Draw the curves of the runs in `run_dirs` (their metrics.jsonl) into `out` as `fmt`; returns the curves.
+
+    Raises:
+        CurvesInputError: a run directory is missing, its metrics.jsonl cannot be read or has no
+            train or eval record.
+        OutputPathError: `out` cannot be written.
+    """
+    runs = []
+    for path, name in zip(run_dirs, run_names(run_dirs)):
+        if not os.path.isdir(path):
+            raise CurvesInputError(f"run directory {path} not found")
+        metrics = os.path.join(path, "metrics.jsonl")
+        try:
+            records = read_metrics(metrics)
+        except (FileNotFoundError, ValueError) as err:
+            raise CurvesInputError(str(err)) from err
+        curves = collect_curves(records, name, x)
+        if not (curves.losses or curves.retrieval or curves.lr):
+            raise CurvesInputError(f"{metrics} has no train or eval records to plot")
+        runs.append(curves)
+    save_figure(curves_figure(runs, layout=layout, xlabel=x, figsize=figsize), out, fmt, dpi=dpi)
+    return runs
+
+
+def describe_curves(curves: RunCurves, x: str = "epoch") -> str:
+    """One line: how many training `x` values and evaluated sets a run's curves hold."""
+    points = {at for values in curves.losses.values() for at in values}
+    evaluated = {s for sets in curves.retrieval.values() for s in sets}
+    return f"{curves.name}: {len(points)} training {x}(s), {len(evaluated)} evaluated set(s)"
