@@ -27,15 +27,15 @@ Any other non-empty folder is refused before anything is written.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import json
 import logging
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -49,11 +49,15 @@ from processor.backbone import DEFAULT_CACHE, make_backbone, settings_for, zero_
 from processor.engine import Trainer  # noqa: E402
 from processor.evaluate import build_evaluator  # noqa: E402
 from processor.finetune import FinetuneTask  # noqa: E402
+from processor.gass_figure import describe_view, draw_gass_figure  # noqa: E402
 from processor.pretrain import PretrainTask  # noqa: E402
-from utils.cli import ToolError, run_tool  # noqa: E402
+from processor.retrieval_figure import describe_result, draw_retrieval_figure, selected_checkpoint  # noqa: E402
+from utils.cli import ToolError, one_line, run_tool  # noqa: E402
 from utils.config import load_config  # noqa: E402
+from utils.errors import UserInputError  # noqa: E402
 from utils.logger import setup_logging  # noqa: E402
 from utils.metrics import format_table  # noqa: E402
+from utils.plots import describe_curves, plot_run_curves  # noqa: E402
 from utils.threads import apply_threads  # noqa: E402
 
 PRETRAIN = REPO / "configs" / "demo" / "tiny_pretrain.yaml"
@@ -141,13 +145,26 @@ def best_test(best: dict, name: str = "CUHK-PEDES") -> dict[str, float]:
     return entry.get("test") or {k: entry[k] for k in METRICS if k in entry}
 
 
-def _tool(name: str):
-    """tools/<name>.py as a module (tools/ is a folder of scripts)."""
-    spec = importlib.util.spec_from_file_location(f"gadms_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def _gass_figure(path: Path, data: Path, pretrain_dir: Path, log: TextIO) -> None:
+    views = draw_gass_figure(str(pretrain_dir / "last.pth"), "WebPerson", str(path), root=str(data),
+                             annotation="shards", captions_from="noise_report", num=8)
+    for view in views:
+        print(describe_view(view), file=log)
+    print(f"saved {path}", file=log)
+
+
+def _retrieval_figure(path: Path, data: Path, finetune_dir: Path, log: TextIO) -> None:
+    checkpoint, why = selected_checkpoint(str(finetune_dir), "CUHK-PEDES")
+    print(f"checkpoint: {checkpoint} ({why})", file=log, flush=True)
+    for result in draw_retrieval_figure(checkpoint, "CUHK-PEDES", str(path), root=str(data), num_queries=4):
+        print(describe_result(result), file=log)
+    print(f"saved {path}", file=log)
+
+
+def _curves_figure(path: Path, run_dir: Path, log: TextIO) -> None:
+    for curves in plot_run_curves([str(run_dir)], path, "png"):
+        print(describe_curves(curves), file=log)
+    print(f"saved {path} (png)", file=log)
 
 
 def draw_figures(out: Path, data: Path, pretrain_dir: Path, finetune_dir: Path) -> list[Path]:
@@ -155,29 +172,32 @@ def draw_figures(out: Path, data: Path, pretrain_dir: Path, finetune_dir: Path) 
     (the fine-tuning run's selected checkpoint: best_CUHK-PEDES.pth, else last.pth), and
     training curves of both runs; returns the PNG paths.
 
-    What the figure tools print (token scores, which checkpoint drew the retrieval rows,
-    ranked queries) goes to `<out>/figures/figures.log`; their errors stay on stderr.
+    Each figure is drawn as its tool draws it with these arguments (tools/visualize_gass.py,
+    visualize_retrieval.py, plot_curves.py), through the same library functions; what the
+    tool would print (token scores, which checkpoint drew the retrieval rows, ranked
+    queries) goes to `<out>/figures/figures.log`, its error to stderr, and the other
+    figures are still drawn.
     """
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    jobs = [
-        ("visualize_gass", figures / "gass_tokens.png",
-         ["--checkpoint", str(pretrain_dir / "last.pth"), "--dataset", "WebPerson", "--root", str(data),
-          "--annotation", "shards", "--captions-from", "noise_report", "--num", "8"]),
+    jobs: list[tuple[str, Path, Callable[[Path, TextIO], None]]] = [
+        ("visualize_gass", figures / "gass_tokens.png", lambda path, log: _gass_figure(path, data, pretrain_dir, log)),
         ("visualize_retrieval", figures / "retrieval.png",
-         ["--run", str(finetune_dir), "--dataset", "CUHK-PEDES", "--root", str(data), "--num-queries", "4"]),
-        ("plot_curves", figures / "curves_pretrain.png", ["--run", str(pretrain_dir)]),
-        ("plot_curves", figures / "curves_finetune.png", ["--run", str(finetune_dir)]),
+         lambda path, log: _retrieval_figure(path, data, finetune_dir, log)),
+        ("plot_curves", figures / "curves_pretrain.png", lambda path, log: _curves_figure(path, pretrain_dir, log)),
+        ("plot_curves", figures / "curves_finetune.png", lambda path, log: _curves_figure(path, finetune_dir, log)),
     ]
     written = []
     with open(figures / "figures.log", "w", encoding="utf-8") as details:
-        for tool, path, argv in jobs:
-            with contextlib.redirect_stdout(details):
-                status = _tool(tool).main(argv + ["--out", str(path)])
-            if status == 0:
-                written.append(path)
-            else:
+        for tool, path, draw in jobs:
+            try:
+                draw(path, details)
+            except UserInputError as err:
+                print(f"error: {one_line(str(err)) or type(err).__name__}", file=sys.stderr)
                 print(f"      {tool} failed; see the messages above", file=sys.stderr)
+            else:
+                written.append(path)
+            details.flush()
     return written
 
 
