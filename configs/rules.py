@@ -99,6 +99,7 @@ RULES: dict[str, Rule] = {
     "train.checkpoint_period": POSITIVE_INT,
     "train.max_nonfinite": POSITIVE_INT,
     "train.max_steps": NON_NEGATIVE_INT,
+    "train.accum_steps": POSITIVE_INT,
 }
 
 RELATIONS: tuple[Relation, ...] = (

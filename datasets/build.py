@@ -249,12 +249,16 @@ def build_train_loader(cfg: Any, index: TrainIndex, tokenizer: Tokenizer, *, sco
                            score_cache=score_cache if spec.needs_scores else None, seed=cfg.seed,
                            skip_bad_images=cfg.data.skip_bad_images,
                            draft_size=image_size if cfg.data.jpeg_draft else None)
+    # Each optimisation step takes train.accum_steps micro-batches of data.batch_size per process; the
+    # samplers deal every global batch the same way whatever the split into processes and micro-batches.
+    accum = int(cfg.train.accum_steps)
     if cfg.data.sampler == "identity":
-        sampler: Any = IdentitySampler(index.pids, cfg.data.batch_size * world_size, cfg.data.num_instances,
+        sampler: Any = IdentitySampler(index.pids, cfg.data.batch_size * accum * world_size, cfg.data.num_instances,
                                        seed=cfg.seed, rank=rank, world_size=world_size)
     elif cfg.data.sampler == "random":
         sampler = DistributedRandomSampler(len(index), seed=cfg.seed, rank=rank, world_size=world_size,
-                                           shuffle=True, drop_last=True)
+                                           shuffle=True, drop_last=True, accum_steps=accum,
+                                           batch_size=cfg.data.batch_size)
     else:
         raise ValueError(f"unknown data.sampler {cfg.data.sampler!r}; valid: {', '.join(SAMPLERS)}")
     return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
@@ -269,7 +273,8 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
 
 
 def position_loader(loader: DataLoader, epoch: int, batches_done: int = 0, *, world_size: int = 1) -> None:
-    """Set the loader's epoch and skip the `batches_done` batches every rank already consumed in it.
+    """Set the loader's epoch and skip the `batches_done` batches every rank already consumed in it
+    (with gradient accumulation, a whole number of optimisation steps).
 
     After this, `len(loader)` counts only the batches still to come.
     """

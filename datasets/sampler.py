@@ -122,6 +122,14 @@ class DistributedRandomSampler(_EpochSampler):
     ``ceil(n / world_size)``; with it the tail is cut to ``floor(n / world_size)``.
     Rank ``r`` takes global positions ``r, r + world_size, ...``.
 
+    With gradient accumulation (``accum_steps=K > 1``, batches of ``batch_size``)
+    the stream is dealt to ``K x world_size`` *virtual* ranks the same way, rank
+    ``r`` owning virtual ranks ``r*K .. r*K + K - 1`` and yielding, per optimisation
+    step, one batch of each in that order. A step's global batch is therefore the
+    same set of samples, split the same way, for every (processes, K) of equal
+    product — and equals that of ``K x world_size`` processes without accumulation.
+    Only whole steps are yielded.
+
     Args:
         n: dataset length.
         seed: base seed (same on every rank).
@@ -129,11 +137,19 @@ class DistributedRandomSampler(_EpochSampler):
         world_size: number of ranks.
         shuffle: permute (else ``0..n-1``).
         drop_last: cut instead of pad to a multiple of ``world_size``.
+        accum_steps: micro-batches per optimisation step (K).
+        batch_size: samples per micro-batch (needed when ``accum_steps > 1``).
     """
 
     def __init__(self, n: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, *, accum_steps: int = 1, batch_size: int = 0) -> None:
+        if accum_steps < 1 or (accum_steps > 1 and batch_size < 1):
+            raise ValueError(f"accum_steps ({accum_steps}) must be >= 1, with a positive batch_size "
+                             f"({batch_size}) when > 1")
+        self.accum_steps, self.batch_size = int(accum_steps), int(batch_size)
+        virtual = world_size * accum_steps
         super().__init__(seed, rank, world_size)
+        world_size = virtual
         if n < 1:
             raise ValueError(f"DistributedRandomSampler needs a non-empty dataset, got n={n}")
         if drop_last and n < world_size:
@@ -158,14 +174,24 @@ class DistributedRandomSampler(_EpochSampler):
 
     def _rank_slice(self, remaining: np.ndarray) -> np.ndarray:
         # After a resume with another world size the rest may not split evenly: pad or cut it.
+        k, virtual = self.accum_steps, self.world_size * self.accum_steps
         size = len(remaining)
-        if size % self.world_size:
-            size = (size // self.world_size if self.drop_last else -(-size // self.world_size)) * self.world_size
+        if size % virtual:
+            size = (size // virtual if self.drop_last else -(-size // virtual)) * virtual
             remaining = _fit(remaining, size)
-        return remaining[self.rank::self.world_size]
+        if k == 1:
+            return remaining[self.rank::self.world_size]
+        steps = size // virtual // self.batch_size
+        owned = [remaining[v::virtual][:steps * self.batch_size].reshape(steps, self.batch_size)
+                 for v in range(self.rank * k, (self.rank + 1) * k)]
+        return np.stack(owned, axis=1).reshape(-1)
 
     def _to_global(self, local: int) -> int:
-        return local * self.world_size
+        if self.accum_steps == 1:
+            return local * self.world_size
+        # Only whole optimisation steps can be skipped; a partial one is replayed.
+        step = self.accum_steps * self.batch_size
+        return (local // step) * step * self.world_size
 
 
 class IdentitySampler(_EpochSampler):

@@ -137,33 +137,64 @@ class GADMS(CrossModalMLM, nn.Module):
         )
 
     # ------------------------------------------------------------- training
-    def forward(self, batch: Mapping[str, Tensor]) -> TrainOutput:
+    def forward(self, batch: Mapping[str, Tensor], *, batch_losses: bool = True) -> TrainOutput:
         """Weighted losses (`*_loss`), accuracies and, with GASS on in training, `aux["gass_scores"]`.
 
         Batch keys: `images` [B,3,H,W], `pids` [B], `caption_ids` [B,L] (clean);
         optional `noise_ids` (contrastive caption; default the clean one);
         `mlm_ids` and `mlm_labels` when the MLM loss is on.
+
+        With ``batch_losses=False`` the losses over the whole batch (SDM, ITC) are left
+        out and ``aux["image_feats"]``, ``aux["text_feats"]`` carry their input features,
+        with their graphs: the gradient-cache step (`processor.loop`) computes those
+        losses once over all micro-batches (`contrastive_losses`) and back-propagates
+        their feature gradients through this forward.
         """
-        images, pids, clean_ids = batch["images"], batch["pids"], batch["caption_ids"]
-        contrast_ids = batch.get("noise_ids", clean_ids)
-        image_tokens = self.base_model.encode_image(images)
-        image_feats = image_tokens[:, 0].float()
-        text_feats = self.encode_text(contrast_ids)
+        image_tokens, image_feats, text_feats = self.contrastive_features(batch)
+        losses = self.contrastive_losses(image_feats, text_feats, batch["pids"]) if batch_losses else {}
+        local, metrics, aux = self.sample_losses(batch, image_tokens, image_feats, text_feats)
+        if not batch_losses:
+            aux.update(image_feats=image_feats, text_feats=text_feats)
+        return TrainOutput({**losses, **local}, metrics, aux)
+
+    def contrastive_features(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(image tokens [B, N, D], image features [B, D], text features of the contrastive captions [B, D])."""
+        image_tokens = self.base_model.encode_image(batch["images"])
+        contrast_ids = batch.get("noise_ids", batch["caption_ids"])
+        return image_tokens, image_tokens[:, 0].float(), self.encode_text(contrast_ids)
+
+    def cache_features(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """What the whole-batch losses read from one micro-batch (gradient-cache protocol, `processor.loop`)."""
+        _, image_feats, text_feats = self.contrastive_features(batch)
+        return {"image_feats": image_feats, "text_feats": text_feats, "pids": batch["pids"]}
+
+    def batch_losses(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The whole-batch losses of `cache_features` outputs concatenated over micro-batches."""
+        return self.contrastive_losses(inputs["image_feats"], inputs["text_feats"], inputs["pids"])
+
+    def contrastive_losses(self, image_feats: Tensor, text_feats: Tensor, pids: Tensor) -> dict[str, Tensor]:
+        """The weighted losses over the whole batch (SDM, ITC): functions of the features and pids only
+        (no parameter enters them), gathered over the processes when `gather_features`."""
+        losses: dict[str, Tensor] = {}
+        if "sdm" in self.loss_names:
+            losses["sdm_loss"] = self.loss_weights["sdm"] * objectives.sdm_loss(
+                image_feats, text_feats, pids, self.logit_scale, gather=self.gather_features)
+        if "itc" in self.loss_names:
+            losses["itc_loss"] = self.loss_weights["itc"] * objectives.itc_loss(
+                image_feats, text_feats, self.logit_scale, gather=self.gather_features)
+        return losses
+
+    def sample_losses(self, batch: Mapping[str, Tensor], image_tokens: Tensor, image_feats: Tensor,
+                      text_feats: Tensor) -> TrainOutput:
+        """The per-sample losses (ID, MLM: means over this batch), their accuracies and the token scores."""
         losses: dict[str, Tensor] = {}
         metrics: dict[str, Tensor] = {}
         aux: dict[str, Tensor] = {}
-        weights = self.loss_weights
-
-        if "sdm" in self.loss_names:
-            losses["sdm_loss"] = weights["sdm"] * objectives.sdm_loss(
-                image_feats, text_feats, pids, self.logit_scale, gather=self.gather_features)
-        if "itc" in self.loss_names:
-            losses["itc_loss"] = weights["itc"] * objectives.itc_loss(
-                image_feats, text_feats, self.logit_scale, gather=self.gather_features)
+        pids = batch["pids"]
         if "id" in self.loss_names:
             image_logits = self.classifier(image_feats)
             text_logits = self.classifier(text_feats)
-            losses["id_loss"] = weights["id"] * objectives.id_loss(image_logits, text_logits, pids)
+            losses["id_loss"] = self.loss_weights["id"] * objectives.id_loss(image_logits, text_logits, pids)
             metrics["img_acc"] = objectives.classification_accuracy(image_logits, pids)
             metrics["txt_acc"] = objectives.classification_accuracy(text_logits, pids)
         if "mlm" in self.loss_names:
@@ -172,10 +203,10 @@ class GADMS(CrossModalMLM, nn.Module):
             selected = batch["mlm_labels"] != 0
             logits = self.predict_tokens(self.base_model.encode_text(batch["mlm_ids"]), image_tokens, selected)
             labels = batch["mlm_labels"][selected]
-            losses["mlm_loss"] = weights["mlm"] * objectives.mlm_loss(logits, labels)
+            losses["mlm_loss"] = self.loss_weights["mlm"] * objectives.mlm_loss(logits, labels)
             metrics["mlm_acc"] = objectives.masked_accuracy(logits, labels)
         if self.gass and self.training:
-            aux["gass_scores"] = self.token_scores(image_feats.detach(), clean_ids)
+            aux["gass_scores"] = self.token_scores(image_feats.detach(), batch["caption_ids"])
         return TrainOutput(losses, metrics, aux)
 
 

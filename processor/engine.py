@@ -195,10 +195,14 @@ class Trainer:
         loader = build_train_loader(cfg, self.train_index, self.tokenizer, rank=self.rank,
                                     world_size=self.world_size,
                                     **self.task.loader_inputs(cfg, self.train_index, self.run_dir))
-        if len(loader) == 0:
+        accum, effective = cfg.train.accum_steps, cfg.data.batch_size * cfg.train.accum_steps * self.world_size
+        if len(loader) < accum:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size}: {cfg.data.name}'s {len(self.train_index)} "
-                              f"training samples give no full batch of {cfg.data.batch_size} x {self.world_size} "
-                              "process(es); lower data.batch_size")
+                              f"training samples give no full batch of {cfg.data.batch_size} x {accum} micro-batch(es)"
+                              f" x {self.world_size} process(es); lower data.batch_size or train.accum_steps")
+        logger.info("effective batch %d = data.batch_size %d x train.accum_steps %d x %d process(es)%s", effective,
+                    cfg.data.batch_size, accum, self.world_size,
+                    "; whole-batch losses by gradient caching" if accum > 1 else "")
         return loader
 
     def _build_loop(self, cfg: Config) -> TrainLoop:
@@ -214,7 +218,7 @@ class Trainer:
                          forward_model=self.ddp_model, device=self.device,
                          autocast=functools.partial(autocast_context, self.device, cfg.precision), scaler=self.scaler,
                          grad_clip=cfg.solver.grad_clip, max_nonfinite=cfg.train.max_nonfinite,
-                         max_batches=cfg.train.max_steps,
+                         max_batches=cfg.train.max_steps, accum_steps=cfg.train.accum_steps,
                          seek=functools.partial(position_loader, self.loader, world_size=self.world_size))
 
     @staticmethod

@@ -18,6 +18,21 @@ What it expects of its inputs:
   (and skips what a resumed epoch already consumed); afterwards ``len(loader)``
   counts the batches still to come.
 
+With ``accum_steps=K > 1`` every optimisation step consumes K loader batches
+(micro-batches) and the losses over the whole batch (contrastive ones) are
+computed *exactly* over all K of them, by gradient caching (Gao et al. 2021): a
+no-grad pass collects ``model.cache_features(micro)`` of every micro-batch; the
+whole-batch losses ``model.batch_losses(concatenated features)`` and their
+gradients with respect to those features are computed once; then each
+micro-batch runs again with gradients (``forward(micro, batch_losses=False)``,
+which returns the same features in ``aux`` with their graphs, plus the
+per-sample losses) and back-propagates ``sum(per-sample losses) / K +
+<features, cached feature gradients>``. The whole-batch losses must not read a
+parameter (only their features). Per-sample losses are means over their
+micro-batch, so K micro-batches on P processes train exactly as K x P processes
+of one micro-batch each would. Peak memory is one micro-batch's plus the cached
+features. A stop request is honoured between optimisation steps only.
+
 A stop request (SIGTERM/SIGINT, `utils.checkpoint.GracefulExit`) ends the epoch
 after the current step on every rank together; the hooks' `on_stop` then runs
 instead of `after_epoch`.
@@ -34,6 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.build import TrainOutput
 from utils import comm
 from utils.checkpoint import GracefulExit
 
@@ -96,6 +112,21 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _concat(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Micro-batches as one batch (tensors concatenated along the first dimension), for the hooks."""
+    return {k: torch.cat([b[k] for b in batches]) for k, v in batches[0].items() if torch.is_tensor(v)}
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 class TrainLoop:
     """Epochs of optimisation steps over `loader`, with hooks.
 
@@ -111,8 +142,9 @@ class TrainLoop:
         scaler: A `torch.amp.GradScaler` (fp16); default a disabled one.
         grad_clip: Max gradient norm; 0 = no clipping.
         max_nonfinite: Non-finite losses in a row before `NonFiniteLossError`.
-        max_batches: Batches per epoch at most; 0 = the whole loader.
+        max_batches: Optimisation steps per epoch at most; 0 = the whole loader.
         seek: ``seek(epoch, batches_done)`` positions the loader (see the module doc).
+        accum_steps: Loader batches per optimisation step (gradient caching when > 1).
     """
 
     def __init__(self, model: nn.Module, loader: Iterable[Mapping[str, Any]], optimizer: torch.optim.Optimizer,
@@ -120,7 +152,10 @@ class TrainLoop:
                  device: torch.device | str = "cpu",
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                  scaler: torch.amp.GradScaler | None = None, grad_clip: float = 0.0, max_nonfinite: int = 5,
-                 max_batches: int = 0, seek: Callable[[int, int], None] | None = None) -> None:
+                 max_batches: int = 0, seek: Callable[[int, int], None] | None = None,
+                 accum_steps: int = 1) -> None:
+        if accum_steps < 1:
+            raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
         self.model, self.loader, self.optimizer, self.scheduler = model, loader, optimizer, scheduler
         self.hooks = list(hooks)
         self.forward_model = forward_model if forward_model is not None else model
@@ -128,7 +163,7 @@ class TrainLoop:
         self.autocast = autocast
         self.scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)
         self.grad_clip, self.max_nonfinite, self.max_batches = grad_clip, max_nonfinite, max_batches
-        self.seek = seek
+        self.seek, self.accum_steps = seek, accum_steps
         self.global_step = 0
         self.epoch = 0
         self.batches_done = 0  # batches consumed in the current epoch (skipped ones included)
@@ -166,9 +201,12 @@ class TrainLoop:
         self.forward_model.train()
         if self.seek is not None:
             self.seek(epoch, skip)
+        k = self.accum_steps
         total = skip + len(self.loader)
-        self.epoch_length = min(total, self.max_batches) if self.max_batches > 0 else total
+        limit = min(total, self.max_batches * k) if self.max_batches > 0 else total
+        self.epoch_length = limit - limit % k  # whole optimisation steps only
         self.batches_done, self.skipped_samples = skip, 0
+        pending: list[dict[str, Any]] = []
         for batch in self.loader:
             if self.batches_done >= self.epoch_length:
                 break
@@ -176,14 +214,18 @@ class TrainLoop:
             self.skipped_samples += int(batch.pop("num_skipped", 0))
             self.batches_done += 1
             if any(torch.is_tensor(v) for v in batch.values()):
-                batch = to_device(batch, self.device)
-                output = self.step(batch)
-                if output is not None:
-                    self._call("after_step", batch, output)
-            elif comm.get_world_size() > 1:
-                # The other ranks are inside a DDP step this rank cannot join.
+                pending.append(to_device(batch, self.device))
+            elif comm.get_world_size() > 1 or k > 1:
+                # The other ranks (or micro-batches) are inside a step this batch cannot join.
                 raise RuntimeError("every image of a batch was unreadable (data.skip_bad_images); "
                                    "run tools/check_data.py and fix or remove the files")
+            if self.batches_done % k:
+                continue  # mid-accumulation
+            if pending:
+                output = self.step(pending[0]) if k == 1 else self.accumulated_step(pending)
+                if output is not None:
+                    self._call("after_step", pending[0] if k == 1 else _concat(pending), output)
+                pending = []
             if stop.should_stop():  # collective: every rank stops after the same step
                 break
         if self.skipped_samples:
@@ -201,6 +243,59 @@ class TrainLoop:
             return None
         self.nonfinite_in_row = 0
         self.scaler.scale(loss).backward()
+        self._optimizer_step()
+        return StepOutput(loss.detach(), {k: v.detach() for k, v in losses.items()},
+                          {k: v.detach() for k, v in metrics.items()}, {k: v.detach() for k, v in aux.items()})
+
+    def accumulated_step(self, micro_batches: Sequence[Mapping[str, Any]]) -> StepOutput | None:
+        """One optimisation step over K micro-batches by gradient caching (see the module doc)."""
+        k = len(micro_batches)
+        model = self.model
+        rng_states, cached = [], []
+        with torch.no_grad():
+            for micro in micro_batches:
+                rng_states.append(_rng_state(self.device))
+                with self.autocast():
+                    cached.append(model.cache_features(micro))
+        inputs = {name: torch.cat([c[name] for c in cached]) for name in cached[0]}
+        leaves = {name: t.detach().requires_grad_() for name, t in inputs.items() if t.is_floating_point()}
+        with self.autocast():
+            batch_losses = model.batch_losses({**inputs, **leaves})
+        batch_total = sum(batch_losses.values())
+        grads = dict(zip(leaves, torch.autograd.grad(batch_total, list(leaves.values()), allow_unused=True)))
+        sizes = [len(next(iter(c.values()))) for c in cached]
+        grads = {name: g.split(sizes) for name, g in grads.items() if g is not None}
+        del cached, inputs, leaves
+        finite = torch.isfinite(batch_total.detach())
+        parts: list[TrainOutput] = []
+        for i, micro in enumerate(micro_batches):
+            _set_rng_state(self.device, rng_states[i])
+            sync = self.forward_model.no_sync() if i < k - 1 and hasattr(self.forward_model, "no_sync") \
+                else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    losses, metrics, aux = self.forward_model(micro, batch_losses=False)
+                surrogate = sum(losses.values()) / k
+                for name, g in grads.items():
+                    surrogate = surrogate + (aux.pop(name).float() * g[i]).sum()
+                self.scaler.scale(surrogate).backward()
+            if losses:
+                finite = finite & torch.isfinite(sum(losses.values()).detach())
+            parts.append(TrainOutput({n: v.detach() for n, v in losses.items()},
+                                     {n: v.detach() for n, v in metrics.items()},
+                                     {n: v.detach() for n, v in aux.items() if n not in grads}))
+        losses = {n: v.detach() for n, v in batch_losses.items()}
+        losses.update({n: sum(p.losses[n] for p in parts) / k for n in parts[0].losses})
+        loss = sum(losses.values())
+        if not self._all_finite(finite.float()):
+            self._skip_nonfinite(losses)
+            return None
+        self.nonfinite_in_row = 0
+        self._optimizer_step()
+        return StepOutput(loss, losses, {n: sum(p.metrics[n] for p in parts) / k for n in parts[0].metrics},
+                          {n: torch.cat([p.aux[n] for p in parts]) for n in parts[0].aux})
+
+    def _optimizer_step(self) -> None:
         if self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -208,8 +303,6 @@ class TrainLoop:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        return StepOutput(loss.detach(), {k: v.detach() for k, v in losses.items()},
-                          {k: v.detach() for k, v in metrics.items()}, {k: v.detach() for k, v in aux.items()})
 
     @staticmethod
     def _all_finite(loss: torch.Tensor) -> bool:

@@ -89,6 +89,7 @@ CASES = [
     Case("train.checkpoint_period", ("1",), "0", "0", "an integer >= 1"),
     Case("train.max_nonfinite", ("1",), "0", "0", "an integer >= 1"),
     Case("train.max_steps", ("0",), "-1", "-1", "an integer >= 0"),
+    Case("train.accum_steps", ("1", "4"), "0", "0", "an integer >= 1"),
 ]
 
 
