@@ -59,6 +59,7 @@ RULES: dict[str, Rule] = {
     "gass.normalize": one_of("batch", "sample"),
     "gass.refresh": one_of("epoch", "step"),
     "gass.init_score": PROBABILITY,
+    "gass.precision": one_of("fp32", "tf32", "bf16"),
     "masking.mlm": one_of("informative", "random", "none"),
     "masking.noise_max_prob": PROBABILITY,
     "masking.noise_slope": NON_NEGATIVE,

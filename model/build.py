@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from model import objectives
 from model.clip import CLIP, build_clip_from_config
 from model.gass import ATTN_NORMS, NORMALIZATIONS, css_scores, gass_scores
+from model.gass import PRECISIONS as GASS_PRECISIONS
 from model.heads import CrossModalMLM, build_classifier, build_mlm_modules
 from utils import comm
 from utils.config import ConfigError
@@ -63,6 +64,7 @@ class GADMS(CrossModalMLM, nn.Module):
         gass_scales: Smoothing windows of the q/k cosine.
         gass_attn_norm: "importance" (released code) or "attention" (paper).
         gass_normalize: "batch" (released code) or "sample".
+        gass_precision: Precision of GASS's matrix work: "fp32", "tf32" or "bf16" (`model.gass`).
         scoring: "gass", or "css" for the plain cosine-similarity ablation.
         gather_features: Compute contrastive losses over all DDP ranks' samples.
     """
@@ -81,13 +83,15 @@ class GADMS(CrossModalMLM, nn.Module):
         gass_scales: tuple[int, ...] = (1, 2),
         gass_attn_norm: str = "importance",
         gass_normalize: str = "batch",
+        gass_precision: str = "fp32",
         scoring: str = "gass",
         gather_features: bool = False,
     ) -> None:
         super().__init__()
         # Checked here, not at the first GASS step (a config's values are checked when it loads).
         for what, value, valid in (("scoring", scoring, SCORINGS), ("gass_attn_norm", gass_attn_norm, ATTN_NORMS),
-                                   ("gass_normalize", gass_normalize, NORMALIZATIONS)):
+                                   ("gass_normalize", gass_normalize, NORMALIZATIONS),
+                                   ("gass_precision", gass_precision, GASS_PRECISIONS)):
             if value not in valid:
                 raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
         if "sdm" not in loss_names and "itc" not in loss_names and gass:
@@ -105,6 +109,7 @@ class GADMS(CrossModalMLM, nn.Module):
         self.gass_scales = tuple(gass_scales)
         self.gass_attn_norm = gass_attn_norm
         self.gass_normalize = gass_normalize
+        self.gass_precision = gass_precision
         self.scoring = scoring
         self.gather_features = gather_features
         if "id" in self.loss_names:
@@ -134,6 +139,7 @@ class GADMS(CrossModalMLM, nn.Module):
         return gass_scores(
             self.base_model, image_feats, ids, self.gass_layers,
             scales=self.gass_scales, attn_norm=self.gass_attn_norm, normalize=self.gass_normalize,
+            precision=self.gass_precision,
         )
 
     # ------------------------------------------------------------- training
@@ -254,6 +260,7 @@ def build_model(cfg: Any, num_classes: int = 0, *, backbone: CLIP | None = None)
         gass_scales=tuple(cfg.gass.scales),
         gass_attn_norm=cfg.gass.attn_norm,
         gass_normalize=cfg.gass.normalize,
+        gass_precision=cfg.gass.precision,
         scoring=cfg.gass.scoring,
         gather_features=comm.get_world_size() > 1,
     )

@@ -21,8 +21,9 @@ Differences from the reference implementation, all exact in value:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +31,14 @@ from torch import Tensor
 
 from model.clip import CLIP, ResidualAttentionBlock
 
-__all__ = ["gass_scores", "css_scores", "multiscale_smooth", "valid_token_mask", "minmax_normalize"]
+__all__ = ["gass_scores", "css_scores", "multiscale_smooth", "valid_token_mask", "minmax_normalize",
+           "PRECISIONS"]
 
 ATTN_NORMS = ("importance", "attention")
 NORMALIZATIONS = ("batch", "sample")
+#: Precision of GASS's matrix work (the text-layer re-run and its gradient); the combination,
+#: the normalisations and the min-max are float32 in every case.
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def valid_token_mask(ids: Tensor) -> Tensor:
@@ -120,6 +125,7 @@ def gass_scores(
     attn_norm: str = "importance",
     normalize: str = "batch",
     single_backward: bool = True,
+    precision: str = "fp32",
 ) -> Tensor:
     """GASS score of every caption token, [B, L] in [0, 1], zero outside `0 < j < eot`.
 
@@ -136,6 +142,10 @@ def gass_scores(
         single_backward: One autograd call over the EOT rows for all layers (default);
             False builds the full-sequence graph and re-traverses it once per layer,
             as the reference does (same values; for benchmarks and tests).
+        precision: "fp32" (default), "tf32" (float32 tensors, TF32 matrix products on CUDA;
+            as fp32 elsewhere) or "bf16" (the layer re-run and its backward under bfloat16
+            autocast). Whatever it is, the combination, normalisations and min-max run in
+            float32.
 
     Returns:
         Scores [B, L], float32, no gradient.
@@ -149,13 +159,39 @@ def gass_scores(
         raise ValueError(f"gass num_layers must be in 1..{len(blocks)}, got {num_layers}")
     if ids.dim() != 2:
         raise ValueError(f"ids must be [B, L], got shape {tuple(ids.shape)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown gass precision {precision!r}; valid: {', '.join(PRECISIONS)}")
 
-    # Scoring runs in float32 even inside a mixed-precision step: the min-max
+    # The combination runs in float32 even inside a mixed-precision step: the min-max
     # normalisations and the 1e-8 guards are not meaningful in half precision.
-    with torch.autocast(device_type=ids.device.type, enabled=False):
+    device = ids.device.type
+    with torch.autocast(device_type=device, enabled=False):
         image_feats = _image_features(clip, images_or_image_feats).detach().float()
+    with _matrix_precision(device, precision):
         saved, grads = _scored_layers(clip, image_feats, ids, num_layers, single_backward)
-        return _combine(saved, grads, ids, scales, attn_norm, normalize)
+    with torch.autocast(device_type=device, enabled=False):
+        saved = [{name: t.float() for name, t in pieces.items()} for pieces in saved]
+        return _combine(saved, [g.float() for g in grads], ids, scales, attn_norm, normalize)
+
+
+@contextlib.contextmanager
+def _matrix_precision(device: str, precision: str) -> Iterator[None]:
+    """Autocast and TF32 settings for GASS's matrix work (see `gass_scores`)."""
+    if precision == "bf16":
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            yield
+        return
+    if precision != "tf32" or device != "cuda":
+        with torch.autocast(device_type=device, enabled=False):
+            yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with torch.autocast(device_type=device, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _scored_layers(clip: CLIP, image_feats: Tensor, ids: Tensor, num_layers: int,

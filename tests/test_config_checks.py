@@ -47,6 +47,7 @@ CASES = [
     Case("gass.attn_norm", ("importance", "attention"), "softmax", "'softmax'", "one of 'importance', 'attention'"),
     Case("gass.normalize", ("batch", "sample"), "global", "'global'", "one of 'batch', 'sample'"),
     Case("gass.refresh", ("epoch", "step"), "never", "'never'", "one of 'epoch', 'step'"),
+    Case("gass.precision", ("fp32", "tf32", "bf16"), "fp16", "'fp16'", "one of 'fp32', 'tf32', 'bf16'"),
     Case("gass.init_score", ("0", "1"), "1.5", "1.5", PROB),
     Case("masking.mlm", ("informative", "random", "none"), "bert", "'bert'", "one of 'informative', 'random', 'none'"),
     Case("masking.noise_max_prob", ("0", "1"), "1.1", "1.1", PROB),
@@ -224,6 +225,7 @@ def test_enumerations_match_the_code_that_reads_them():
     from datasets.score_cache import REFRESH_POLICIES
     from model.build import SCORINGS
     from model.gass import ATTN_NORMS, NORMALIZATIONS
+    from model.gass import PRECISIONS as GASS_PRECISIONS
     from processor.engine import EVAL_SPLITS
     from solver.lr_scheduler import WARMUP_METHODS
     from tools.train import TASKS
@@ -231,7 +233,7 @@ def test_enumerations_match_the_code_that_reads_them():
 
     code = {"task": tuple(TASKS), "precision": tuple(PRECISIONS), "data.sampler": SAMPLERS, "masking.mlm": MLM_MODES,
             "gass.scoring": SCORINGS, "gass.attn_norm": ATTN_NORMS, "gass.normalize": NORMALIZATIONS,
-            "gass.refresh": REFRESH_POLICIES, "solver.warmup_method": WARMUP_METHODS,
+            "gass.refresh": REFRESH_POLICIES, "gass.precision": GASS_PRECISIONS, "solver.warmup_method": WARMUP_METHODS,
             "eval.select_split": EVAL_SPLITS, "eval.fallback_split": (*EVAL_SPLITS, "none")}
     for key, names in code.items():
         assert sorted(_choices(key)) == sorted(names), key

@@ -207,3 +207,20 @@ def test_css_scores_formula():
     raw = torch.relu(torch.einsum("bd,bjd->bj", F.normalize(feats, dim=-1), tok)) * mask
     expected = (raw - raw.min()) / (raw.max() - raw.min()) * mask
     torch.testing.assert_close(got, expected)
+
+
+def test_lower_precision_scores_stay_close_to_fp32():
+    """gass.precision: bf16 matrix work (CPU autocast) changes the scores by little; tf32 is fp32 off CUDA."""
+    clip = tiny_clip()
+    ids = caption_ids([4, 10, 7, 15])
+    feats = torch.randn(4, clip.embed_dim, generator=torch.Generator().manual_seed(1))
+    exact = gass_scores(clip, feats, ids, num_layers=2)
+    assert torch.equal(gass_scores(clip, feats, ids, num_layers=2, precision="tf32"), exact)
+    low = gass_scores(clip, feats, ids, num_layers=2, precision="bf16")
+    assert low.dtype == torch.float32 and low.shape == exact.shape
+    assert not torch.equal(low, exact)  # the matrix work did run in bf16
+    assert (low - exact).abs().max() < 0.1
+    valid = exact > 0
+    assert torch.corrcoef(torch.stack([low[valid], exact[valid]]))[0, 1] > 0.98
+    with pytest.raises(ValueError, match="unknown gass precision 'fp16'"):
+        gass_scores(clip, feats, ids, num_layers=2, precision="fp16")
