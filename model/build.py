@@ -248,6 +248,8 @@ def build_model(cfg: Any, num_classes: int = 0, *, backbone: CLIP | None = None)
     if backbone is None:
         backbone = build_clip_from_config(cfg.model.clip)
     check_gass_depth(cfg, backbone.transformer.layers)
+    if cfg.train.compile:
+        backbone.compile_towers()
     return GADMS(
         backbone,
         loss_names=loss_names,

@@ -413,6 +413,20 @@ class CLIP(nn.Module):
         self.transformer.grad_checkpointing = enabled
         self.visual.transformer.grad_checkpointing = enabled
 
+    def compile_towers(self, backend: str = "inductor") -> None:
+        """Compile both towers in place with `torch.compile` (`train.compile`; state-dict keys unchanged).
+
+        GASS re-runs the text layers itself, uncompiled. Where compilation fails when a tower
+        first runs (no compiler, an unsupported platform), torch logs the error and runs that
+        code eagerly (``torch._dynamo.config.suppress_errors``): slower, same numbers.
+        """
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
+        self.visual.compile(backend=backend)
+        self.transformer.compile(backend=backend)
+        logger.info("train.compile: image and text towers compiled with torch.compile (eager fallback on errors)")
+
     def initialize_parameters(self) -> None:
         """OpenAI's random init: small normals with depth-scaled projection std.
 

@@ -217,3 +217,22 @@ def test_gass_deeper_than_the_text_tower_is_a_config_error():
     with pytest.raises(ConfigError, match=r"gass.num_layers=5: must be an integer in \[1, 4\]"):
         build_model(tiny_cfg("gass.num_layers=5"), num_classes=0)
     assert build_model(tiny_cfg("gass.num_layers=4"), num_classes=0).gass_layers == 4
+
+
+def test_compiled_towers_keep_the_numbers_and_the_state_dict_layout():
+    """train.compile: both towers compiled in place (dynamo's graph capture; the eager backend keeps the test
+    fast — the default, inductor, takes minutes on this CPU), same losses and GASS scores, same keys."""
+    torch.manual_seed(0)
+    eager = build_model(tiny_cfg("model.loss_names=sdm+mlm"), num_classes=0).train()
+    torch.manual_seed(0)
+    compiled = build_model(tiny_cfg("model.loss_names=sdm+mlm"), num_classes=0).train()
+    compiled.base_model.compile_towers(backend="eager")
+    assert compiled.base_model.visual._compiled_call_impl is not None
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    batch = make_batch()
+    expected, got = eager(batch), compiled(batch)
+    for name in expected.losses:
+        torch.testing.assert_close(got.losses[name], expected.losses[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.aux["gass_scores"], expected.aux["gass_scores"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(AttributeError):
+        compiled.base_model.visual._orig_mod  # noqa: B018 - compiled in place, not wrapped
