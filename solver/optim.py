@@ -158,6 +158,7 @@ def create_optimizer(
     momentum: float = 0.9,
     betas: Sequence[float] = (0.9, 0.999),
     eps: float = 1e-3,
+    fused: bool = False,
     **group_kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Optimiser over :func:`build_param_groups` of ``model``.
@@ -175,6 +176,9 @@ def create_optimizer(
         momentum: SGD momentum.
         betas: Adam/AdamW betas.
         eps: Adam/AdamW epsilon.
+        fused: torch's fused kernel (one launch for all parameters) when every parameter is
+            on CUDA; otherwise the default (multi-tensor ``foreach`` on CUDA), with a warning.
+            Off by default: it rounds differently from the default kernels.
         **group_kwargs: forwarded to :func:`build_param_groups`
             (``bias_lr_factor``, ``weight_decay_bias``, ``lr_factor``,
             ``cross_prefixes``, ``head_prefixes``, ``frozen_prefixes``).
@@ -183,16 +187,23 @@ def create_optimizer(
     if len(betas) != 2:
         raise ValueError(f"betas must hold two values, got {list(betas)}")
     groups = build_param_groups(model, lr=lr, weight_decay=weight_decay, **group_kwargs)
+    kernel: dict[str, Any] = {}
+    if fused:
+        if all(p.is_cuda for group in groups for p in group["params"]):
+            kernel["fused"] = True
+        else:
+            logger.warning("solver.fused: the fused optimiser kernel needs every parameter on CUDA; "
+                           "using the default kernel")
     if optimizer is torch.optim.SGD:
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    return optimizer(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, **kernel)
+    return optimizer(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps, **kernel)
 
 
 def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     """The optimiser the config's ``solver`` node describes, over ``model``'s trainable parameters.
 
     Reads ``solver.optimizer``, ``lr``, ``weight_decay``, ``momentum``, ``betas``,
-    ``eps``, ``bias_lr_factor``, ``weight_decay_bias`` and ``lr_factor``; see
+    ``eps``, ``fused``, ``bias_lr_factor``, ``weight_decay_bias`` and ``lr_factor``; see
     :func:`create_optimizer` for what each does.
 
     Raises:
@@ -210,4 +221,5 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
         bias_lr_factor=solver.bias_lr_factor,
         weight_decay_bias=solver.weight_decay_bias,
         lr_factor=solver.lr_factor,
+        fused=solver.fused,
     )

@@ -346,3 +346,13 @@ def test_build_lr_scheduler_reads_every_solver_key(mode):
             assert group["lr"] == pytest.approx(expected, rel=1e-12, abs=0.0), epoch
         optimizer.step()
         scheduler.step()
+
+
+def test_fused_kernel_is_asked_only_where_every_parameter_is_on_cuda(caplog):
+    """solver.fused on a CPU model: the default kernel, with a warning (torch has no fused CPU Adam here)."""
+    model = torch.nn.Linear(3, 2)
+    with caplog.at_level("WARNING", logger="solver.optim"):
+        optimizer = create_optimizer(model, name="Adam", lr=1e-3, weight_decay=0.0, fused=True)
+    assert not optimizer.defaults.get("fused")
+    assert "needs every parameter on CUDA" in caplog.text
+    assert not create_optimizer(model, name="AdamW", lr=1e-3, weight_decay=0.0).defaults.get("fused")
