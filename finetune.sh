@@ -4,6 +4,7 @@
 #   sh finetune.sh --finetune ckpt.pth [key=value ...]            # CUHK-PEDES
 #   DATASET=RSTPReid sh finetune.sh --finetune ckpt.pth data.root=/data
 #   (DATASET: CUHK-PEDES | ICFG-PEDES | RSTPReid; or CONFIG=path/to.yaml)
+#   Processes, nodes and SLURM: as pretrain.sh (scripts/launch.sh).
 set -eu
 cd "$(dirname "$0")"
 DATASET=${DATASET:-CUHK-PEDES}
@@ -14,13 +15,4 @@ case "$DATASET" in
     *) echo "finetune.sh: unknown DATASET '$DATASET' (CUHK-PEDES, ICFG-PEDES or RSTPReid)" >&2; exit 2 ;;
 esac
 CONFIG=${CONFIG:-$default_config}
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-if [ -z "${NPROC:-}" ]; then
-    NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
-fi
-exec "$PYTHON" -m torch.distributed.run \
-    --nproc_per_node="$NPROC" --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
-    --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
-    tools/train.py --config "$CONFIG" "$@"
+exec sh scripts/launch.sh "$CONFIG" "$@"
