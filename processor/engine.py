@@ -32,13 +32,13 @@ from model.tokenizer import Tokenizer
 from model.weights import load_checkpoint_weights
 from processor.evaluate import build_evaluator
 from processor.hooks import CheckpointHook, EvalHook, MetricsHook
-from processor.loop import HookBase, NonFiniteLossError, StepOutput, TrainLoop
+from processor.loop import HookBase, StepOutput, TrainLoop
 from solver.lr_scheduler import build_lr_scheduler, schedule_mode
 from solver.optim import build_optimizer, optimizer_class
 from utils import comm
 from utils.checkpoint import Checkpointer, check_resume_config, find_resume, read_checkpoint
 from utils.config import Config, ConfigError, save_config
-from utils.device import PRECISIONS, autocast_context, resolve_device
+from utils.device import autocast_context, resolve_device
 from utils.logger import setup_logging
 from utils.metrics_log import supersede_metrics
 from utils.run_lock import RunDirBusyError, RunDirLock
@@ -46,10 +46,7 @@ from utils.threads import apply_threads
 
 logger = logging.getLogger(__name__)
 
-# PRECISIONS, autocast_context and resolve_device live in utils/device.py, NonFiniteLossError in
-# processor/loop.py; named here for older importers.
-__all__ = ["Trainer", "Task", "NonFiniteLossError", "check_components", "resolve_device", "autocast_context",
-           "PRECISIONS"]
+__all__ = ["Trainer", "Task", "check_components", "EVAL_SPLITS"]
 
 #: Evaluation splits a benchmark may have (`eval.select_split`, `eval.fallback_split`).
 EVAL_SPLITS = ("val", "test")

@@ -47,7 +47,9 @@ from utils.visualize import (
     RED,
     WHITE,
     check_thumb_height,
+    checked_indices,
     draw_colour_bar,
+    evenly_spaced,
     fit_thumbnail,
     load_font,
     save_png,
@@ -101,15 +103,10 @@ def choose_indices(source: CaptionSource, *, indices: list[int] | None, how: str
                    noisy: dict[int, dict[str, Any]] | None) -> list[int]:
     """The caption indices to show."""
     n = len(source)
-    if n == 0:
-        raise GassFigureError(f"the {source.split} split has no captions")
-    if indices:
-        bad = [i for i in indices if not 0 <= i < n]
-        if bad:
-            raise GassFigureError(f"--index {bad[0]} out of range: the {source.split} split has {n} captions")
-        return list(indices)
-    if num < 1:
-        raise GassFigureError(f"--num must be >= 1, got {num}")
+    chosen = checked_indices(n, indices, num, where=f"the {source.split} split", index_flag="--index",
+                             num_flag="--num", error=GassFigureError)
+    if chosen is not None:
+        return chosen
     if how == "noise_report":
         if not noisy:
             raise GassFigureError(f"no caption of the {source.split} split is listed in {NOISE_REPORT}")
@@ -119,7 +116,7 @@ def choose_indices(source: CaptionSource, *, indices: list[int] | None, how: str
     if how == "random":
         rng = np.random.default_rng(seed)
         return sorted(rng.choice(n, size=min(num, n), replace=False).tolist())
-    return sorted({int(round(x)) for x in np.linspace(0, n - 1, min(num, n))})
+    return evenly_spaced(n, num)
 
 
 # --------------------------------------------------------------------------- scores and masks

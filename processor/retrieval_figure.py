@@ -30,7 +30,9 @@ from utils.visualize import (
     RED,
     WHITE,
     check_thumb_height,
+    checked_indices,
     draw_frame,
+    evenly_spaced,
     fit_thumbnail,
     load_font,
     save_png,
@@ -193,16 +195,9 @@ def render(results: list[QueryResult], split: EvalSplit, layout: RetrievalLayout
 
 def choose_queries(num_captions: int, indices: list[int] | None, num: int) -> list[int]:
     """Explicit caption indices (checked), or `num` indices spread evenly over the split."""
-    if num_captions == 0:
-        raise RetrievalFigureError("the split has no captions")
-    if indices:
-        bad = [i for i in indices if not 0 <= i < num_captions]
-        if bad:
-            raise RetrievalFigureError(f"--query-index {bad[0]} out of range: the split has {num_captions} captions")
-        return list(indices)
-    if num < 1:
-        raise RetrievalFigureError(f"--num-queries must be >= 1, got {num}")
-    return sorted({int(round(x)) for x in np.linspace(0, num_captions - 1, min(num, num_captions))})
+    chosen = checked_indices(num_captions, indices, num, where="the split", index_flag="--query-index",
+                             num_flag="--num-queries", error=RetrievalFigureError)
+    return chosen if chosen is not None else evenly_spaced(num_captions, num)
 
 
 def selected_checkpoint(run_dir: str, dataset: str) -> tuple[str, str]:

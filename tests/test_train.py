@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from processor.engine import NonFiniteLossError, Trainer
+from processor.engine import Trainer
+from processor.loop import NonFiniteLossError
 from processor.pretrain import PretrainTask
 from tests.conftest import REPO, load_tool
 from utils.config import load_config

@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from utils.errors import UserInputError
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "RGB", "WHITE", "BLACK", "GREY", "LIGHT_GREY", "GREEN", "RED", "BLUE", "load_font", "text_size", "wrap_text",
     "THUMB_HEIGHT_RANGE", "ThumbHeightError", "check_thumb_height", "fit_thumbnail", "score_colour",
-    "text_colour_on", "draw_frame", "draw_colour_bar", "save_png",
+    "text_colour_on", "draw_frame", "draw_colour_bar", "save_png", "checked_indices", "evenly_spaced",
 ]
 
 RGB = tuple[int, int, int]
@@ -167,3 +168,24 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> str:
         raise OutputPathError(f"cannot write {path}: {reason}; choose another path") from err
     logger.info("wrote %s (%dx%d)", path, image.width, image.height)
     return path
+
+
+def checked_indices(count: int, indices: Sequence[int] | None, num: int, *, where: str, index_flag: str,
+                    num_flag: str, error: type[Exception]) -> list[int] | None:
+    """Which captions a figure shows: the explicit `indices` (each checked against `count`), or None for
+    the caller to choose `num` of them (`num` checked). `where` names the split in messages."""
+    if count == 0:
+        raise error(f"{where} has no captions")
+    if indices:
+        bad = [i for i in indices if not 0 <= i < count]
+        if bad:
+            raise error(f"{index_flag} {bad[0]} out of range: {where} has {count} captions")
+        return list(indices)
+    if num < 1:
+        raise error(f"{num_flag} must be >= 1, got {num}")
+    return None
+
+
+def evenly_spaced(count: int, num: int) -> list[int]:
+    """`num` indices (at most `count`) spread evenly over ``0 .. count - 1``."""
+    return sorted({int(round(x)) for x in np.linspace(0, count - 1, min(num, count))})
