@@ -238,7 +238,7 @@ class TrainLoop:
         with self.autocast():
             losses, metrics, aux = self.forward_model(batch)
         loss = sum(losses.values())
-        if not self._all_finite(loss):
+        if not self._all_finite(torch.isfinite(loss.detach())):
             self._skip_nonfinite(losses)
             return None
         self.nonfinite_in_row = 0
@@ -261,10 +261,14 @@ class TrainLoop:
         leaves = {name: t.detach().requires_grad_() for name, t in inputs.items() if t.is_floating_point()}
         with self.autocast():
             batch_losses = model.batch_losses({**inputs, **leaves})
-        batch_total = sum(batch_losses.values())
-        grads = dict(zip(leaves, torch.autograd.grad(batch_total, list(leaves.values()), allow_unused=True)))
-        sizes = [len(next(iter(c.values()))) for c in cached]
-        grads = {name: g.split(sizes) for name, g in grads.items() if g is not None}
+        grads: dict[str, Any] = {}
+        if batch_losses:
+            batch_total = sum(batch_losses.values())
+            found = torch.autograd.grad(batch_total, list(leaves.values()), allow_unused=True)
+            sizes = [len(next(iter(c.values()))) for c in cached]
+            grads = {name: g.split(sizes) for name, g in zip(leaves, found) if g is not None}
+        else:
+            batch_total = torch.zeros((), device=self.device)
         del cached, inputs, leaves
         finite = torch.isfinite(batch_total.detach())
         parts: list[TrainOutput] = []
@@ -287,7 +291,7 @@ class TrainLoop:
         losses = {n: v.detach() for n, v in batch_losses.items()}
         losses.update({n: sum(p.losses[n] for p in parts) / k for n in parts[0].losses})
         loss = sum(losses.values())
-        if not self._all_finite(finite.float()):
+        if not self._all_finite(finite):
             self._skip_nonfinite(losses)
             return None
         self.nonfinite_in_row = 0
@@ -305,8 +309,9 @@ class TrainLoop:
         self.global_step += 1
 
     @staticmethod
-    def _all_finite(loss: torch.Tensor) -> bool:
-        finite = torch.isfinite(loss.detach()).float()
+    def _all_finite(finite: torch.Tensor) -> bool:
+        """Whether this step's losses are finite on every rank (`finite`: this rank's boolean)."""
+        finite = finite.float()
         if comm.get_world_size() > 1:
             # Every rank must skip together, or DDP's gradient all-reduce would hang.
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)

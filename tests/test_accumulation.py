@@ -124,6 +124,33 @@ def test_gradient_cache_step_equals_the_full_graph_gradient():
     assert loop.global_step == 1 and all(p.grad is None for p in model.parameters())
 
 
+def test_a_non_finite_micro_batch_skips_the_whole_step():
+    torch.manual_seed(0)
+    model = build_model(load_config(None, TINY + ["model.loss_names=sdm+mlm"]), num_classes=0).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    forward, calls = type(model).forward, [0]
+
+    def poisoned(self, batch, **kwargs):  # the second micro-batch's MLM loss is NaN
+        out = forward(self, batch, **kwargs)
+        calls[0] += 1
+        if calls[0] == 2:
+            out.losses["mlm_loss"] = out.losses["mlm_loss"] * float("nan")
+        return out
+
+    model.forward = poisoned.__get__(model)
+    loop = TrainLoop(model, [], torch.optim.SGD(model.parameters(), lr=1.0), accum_steps=2)
+    assert loop.accumulated_step([make_batch(4, 0), make_batch(4, 1)]) is None
+    assert (loop.global_step, loop.nonfinite_total) == (0, 1)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # The whole-batch loss alone non-finite: skipped too.
+    model.forward = forward.__get__(model)
+    nan_batch = make_batch(4, 2)
+    nan_batch["images"] = nan_batch["images"] * float("nan")
+    assert loop.accumulated_step([make_batch(4, 0), nan_batch]) is None
+    assert (loop.global_step, loop.nonfinite_total) == (0, 2)
+
+
 def run_overrides(root, out, *extra):
     return [f"data.root={root}", f"output_dir={out}", "eval.period=0", "solver.epochs=1", "solver.warmup_epochs=0",
             "train.max_steps=3", "solver.optimizer=SGD", "solver.momentum=0", "solver.lr=0.05", "log_period=1",
