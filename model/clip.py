@@ -67,57 +67,25 @@ __all__ = [
     "resolve_clip_checkpoint",
 ]
 
+def _preset(*, embed_dim: int, vision_width: int, vision_layers: int, vision_heads: int, vision_patch_size: int,
+            transformer_width: int, transformer_heads: int, transformer_layers: int) -> dict[str, int]:
+    return dict(embed_dim=embed_dim, vision_width=vision_width, vision_layers=vision_layers,
+                vision_heads=vision_heads, vision_patch_size=vision_patch_size, transformer_width=transformer_width,
+                transformer_heads=transformer_heads, transformer_layers=transformer_layers, context_length=77,
+                vocab_size=49408)
+
+
 # Architecture presets (keyword arguments of ``CLIP`` minus image size and stride).
 CLIP_PRESETS: dict[str, dict[str, int]] = {
-    "ViT-B/32": dict(
-        embed_dim=512,
-        vision_width=768,
-        vision_layers=12,
-        vision_heads=12,
-        vision_patch_size=32,
-        transformer_width=512,
-        transformer_heads=8,
-        transformer_layers=12,
-        context_length=77,
-        vocab_size=49408,
-    ),
-    "ViT-B/16": dict(
-        embed_dim=512,
-        vision_width=768,
-        vision_layers=12,
-        vision_heads=12,
-        vision_patch_size=16,
-        transformer_width=512,
-        transformer_heads=8,
-        transformer_layers=12,
-        context_length=77,
-        vocab_size=49408,
-    ),
-    "ViT-L/14": dict(
-        embed_dim=768,
-        vision_width=1024,
-        vision_layers=24,
-        vision_heads=16,
-        vision_patch_size=14,
-        transformer_width=768,
-        transformer_heads=12,
-        transformer_layers=12,
-        context_length=77,
-        vocab_size=49408,
-    ),
+    "ViT-B/32": _preset(embed_dim=512, vision_width=768, vision_layers=12, vision_heads=12, vision_patch_size=32,
+                        transformer_width=512, transformer_heads=8, transformer_layers=12),
+    "ViT-B/16": _preset(embed_dim=512, vision_width=768, vision_layers=12, vision_heads=12, vision_patch_size=16,
+                        transformer_width=512, transformer_heads=8, transformer_layers=12),
+    "ViT-L/14": _preset(embed_dim=768, vision_width=1024, vision_layers=24, vision_heads=16, vision_patch_size=14,
+                        transformer_width=768, transformer_heads=12, transformer_layers=12),
     # Fast CPU model for tests and the demo (use image size (64, 32): a 4 x 2 grid).
-    "tiny": dict(
-        embed_dim=64,
-        vision_width=128,
-        vision_layers=2,
-        vision_heads=2,
-        vision_patch_size=16,
-        transformer_width=128,
-        transformer_heads=2,
-        transformer_layers=4,
-        context_length=77,
-        vocab_size=49408,
-    ),
+    "tiny": _preset(embed_dim=64, vision_width=128, vision_layers=2, vision_heads=2, vision_patch_size=16,
+                    transformer_width=128, transformer_heads=2, transformer_layers=4),
 }
 
 # OpenAI's published ViT checkpoints. The second-to-last URL path component is the

@@ -26,7 +26,7 @@ from datasets.bases import ImageReadError, open_image
 from datasets.masking import informative_mask, noise_mask
 from datasets.transforms import build_transforms
 from model.tokenizer import Tokenizer
-from processor.inference import image_size_of, load_run_model, open_dataset
+from processor.inference import image_size_of, image_thumbnail, load_run_model, open_dataset
 from processor.noise_detection import (
     NOISE_REPORT,
     CaptionSource,
@@ -50,7 +50,6 @@ from utils.visualize import (
     checked_indices,
     draw_colour_bar,
     evenly_spaced,
-    fit_thumbnail,
     load_font,
     save_png,
     score_colour,
@@ -264,10 +263,7 @@ def render(views: list[CaptionView], *, width: int, thumb_height: int, image_siz
 
     for view, row_h in zip(views, row_heights):
         top = y + 10
-        try:
-            thumb = fit_thumbnail(open_image(view.image_path), (thumb_w, thumb_height))
-        except ImageReadError:
-            thumb = Image.new("RGB", (thumb_w, thumb_height), LIGHT_GREY)
+        thumb = image_thumbnail(view.image_path, (thumb_w, thumb_height), LIGHT_GREY)
         canvas.paste(thumb, (margin, top))
         draw.rectangle((margin - 1, top - 1, margin + thumb_w, top + thumb_height), outline=GREY)
         head = f"caption {view.index}   pid {view.pid}"

@@ -7,17 +7,20 @@ import os
 from typing import Any
 
 import torch
+from PIL import Image
 
 from datasets import TextReIDDataset, build_dataset
+from datasets.bases import ImageReadError, open_image
 from model.build import GADMS
 from model.clip import build_clip
 from utils.config import Config, ConfigError, load_config
 from utils.device import resolve_device
 from utils.errors import UserInputError
+from utils.visualize import GREY, RGB, fit_thumbnail
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InferenceInputError", "image_size_of", "load_for_evaluation", "load_run_model", "open_dataset",
+__all__ = ["InferenceInputError", "image_size_of", "image_thumbnail", "load_for_evaluation", "load_run_model", "open_dataset",
            "resolve_config_path"]
 
 
@@ -112,3 +115,12 @@ def open_dataset(name: str, root: str, annotation: str | None = None) -> TextReI
         return build_dataset(name, root)
     except (ValueError, OSError) as err:
         raise InferenceInputError(str(err)) from err
+
+
+def image_thumbnail(path: str | os.PathLike, size: tuple[int, int], missing: RGB = GREY) -> Image.Image:
+    """The image at `path` fitted into `size` (width, height) for a figure; a plain `missing`-coloured
+    tile when it cannot be read (a figure shows the gap instead of failing)."""
+    try:
+        return fit_thumbnail(open_image(path), size)
+    except ImageReadError:
+        return Image.new("RGB", size, missing)

@@ -18,9 +18,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from datasets import build_dataset
-from datasets.bases import EvalSplit, ImageReadError, open_image
+from datasets.bases import EvalSplit
 from processor.evaluate import build_evaluator
-from processor.inference import image_size_of, load_run_model
+from processor.inference import image_size_of, image_thumbnail, load_run_model
 from utils.errors import UserInputError
 from utils.output_paths import check_output_path
 from utils.visualize import (
@@ -33,7 +33,6 @@ from utils.visualize import (
     checked_indices,
     draw_frame,
     evenly_spaced,
-    fit_thumbnail,
     load_font,
     save_png,
     text_size,
@@ -138,12 +137,6 @@ def rank_queries(feats: dict[str, torch.Tensor], split: EvalSplit, query_indices
     return out
 
 
-def _thumb(path: str, size: tuple[int, int]) -> Image.Image:
-    try:
-        return fit_thumbnail(open_image(path), size)
-    except ImageReadError:
-        return Image.new("RGB", size, GREY)
-
 
 def render(results: list[QueryResult], split: EvalSplit, layout: RetrievalLayout, title: str) -> Image.Image:
     """The figure: a header with the legend, then one block per query."""
@@ -181,7 +174,7 @@ def render(results: list[QueryResult], split: EvalSplit, layout: RetrievalLayout
             if gallery_index is None:
                 draw.text((x0, y0), "(no image)", fill=GREY, font=small)
                 continue
-            canvas.paste(_thumb(split.img_paths[gallery_index], inner), (x0 + layout.frame, y0 + layout.frame))
+            canvas.paste(image_thumbnail(split.img_paths[gallery_index], inner), (x0 + layout.frame, y0 + layout.frame))
             draw_frame(draw, box, colour, layout.frame)
             label = "reference" if score is None else f"#{col + 1}  {score:.3f}"
             draw.text((x0, y1 + 3), label, fill=BLACK, font=small)

@@ -33,18 +33,7 @@ EOT = 49407
 SOT = 49406
 
 # Reduced-width architecture for the open_clip parity test (runs in seconds at 224).
-SMALL = dict(
-    embed_dim=64,
-    vision_width=128,
-    vision_layers=2,
-    vision_heads=2,
-    vision_patch_size=16,
-    transformer_width=128,
-    transformer_heads=2,
-    transformer_layers=2,
-    context_length=77,
-    vocab_size=49408,
-)
+SMALL = {**CLIP_PRESETS["tiny"], "transformer_layers": 2}
 
 
 def _tiny(image_size=TINY_SIZE, seed: int = 0, **overrides) -> CLIP:

@@ -36,11 +36,11 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from datasets.bases import IMAGE_EXTENSIONS, TAR_SEPARATOR, ImageReadError, open_image  # noqa: E402
+from datasets.bases import IMAGE_EXTENSIONS, TAR_SEPARATOR, ImageReadError  # noqa: E402
 from datasets.build import ImageDataset  # noqa: E402
 from datasets.transforms import build_transforms  # noqa: E402
 from model.tokenizer import Tokenizer, cleans_to_empty  # noqa: E402
-from processor.inference import image_size_of, load_run_model, open_dataset  # noqa: E402
+from processor.inference import image_size_of, image_thumbnail, load_run_model, open_dataset  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.config import Config  # noqa: E402
@@ -52,7 +52,6 @@ from utils.visualize import (  # noqa: E402
     GREY,
     WHITE,
     check_thumb_height,
-    fit_thumbnail,
     load_font,
     save_png,
     text_size,
@@ -303,10 +302,7 @@ def render_grid(queries: list[str], hits: list[list[Hit]], *, thumb_height: int 
         y += 6
         for c, hit in enumerate(row):
             x = 12 + c * cell_w
-            try:
-                thumb = fit_thumbnail(open_image(hit.path), (thumb_w, thumb_height))
-            except ImageReadError:
-                thumb = Image.new("RGB", (thumb_w, thumb_height), GREY)
+            thumb = image_thumbnail(hit.path, (thumb_w, thumb_height))
             canvas.paste(thumb, (x, y))
             draw.rectangle((x - 1, y - 1, x + thumb_w, y + thumb_height), outline=GREY)
             label = f"#{hit.rank} {hit.score:.3f}"
