@@ -50,6 +50,18 @@ MAX_KEPT_PROBLEMS = 1000
 ID_RANGE = (-(2**63), 2**63 - 1)
 
 
+def tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    """`tarfile.addfile` arguments for one shard member with fixed metadata (mtime 0, mode 0644, owner
+    0/""): a shard's bytes then depend on its members' names and contents only."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info, io.BytesIO(data)
+
+
 def register_dataset(name: str) -> Callable[[type], type]:
     """Class decorator adding a corpus class to ``DATASETS`` under ``name``."""
 

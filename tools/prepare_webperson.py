@@ -47,7 +47,7 @@ import PIL  # noqa: E402
 from PIL import Image, UnidentifiedImageError, features  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from datasets.bases import AnnotationError, ImageReadError  # noqa: E402
+from datasets.bases import AnnotationError, ImageReadError, tar_member  # noqa: E402
 from datasets.bases import read_image_bytes as read_source_bytes  # noqa: E402
 from datasets.synthetic import OutputExistsError, check_claimable, claim_folder  # noqa: E402
 from datasets.webperson import CAPTION_KEYS, PREPARED_MARKER, WebPerson, WebPersonIndex  # noqa: E402
@@ -218,17 +218,6 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    # Fixed metadata: the shard's bytes depend on the names and contents only.
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info, io.BytesIO(data)
-
-
 def shard_name(shard: int) -> str:
     return f"webperson-{shard:06d}.tar"
 
@@ -309,9 +298,9 @@ def write_shard(job: Job, shard: int) -> dict[str, Any]:
                     skipped.append({"key": key, "image": image_path, "reason": e.reason})
                     continue
                 actions[action] += 1
-                tar.addfile(*_tar_member(f"{key}.{ext}", data))
+                tar.addfile(*tar_member(f"{key}.{ext}", data))
                 captions = dict(zip(CAPTION_KEYS, (caption1, caption2), strict=True))
-                tar.addfile(*_tar_member(f"{key}.json", json.dumps(captions, ensure_ascii=False).encode("utf-8")))
+                tar.addfile(*tar_member(f"{key}.json", json.dumps(captions, ensure_ascii=False).encode("utf-8")))
 
     # Whole or not at all: a run killed mid-shard leaves only a temp file (_TMP), which the next run deletes.
     atomic_write(path, write)

@@ -18,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 
+from datasets.bases import tar_member
 from datasets.synthetic.attributes import PersonAttributes
 from datasets.synthetic.rendering import render_person
 
@@ -66,17 +67,6 @@ def _dump_json(obj: Any, indent: int | None = None, sort_keys: bool = False) -> 
     return json.dumps(obj, ensure_ascii=True, indent=indent, sort_keys=sort_keys) + "\n"
 
 
-def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info, io.BytesIO(data)
-
-
 def write_shards(
     samples: Sequence[tuple[str, Path, dict[str, str]]], shard_dir: Path, shard_size: int, prefix: str = "webperson"
 ) -> list[Path]:
@@ -106,6 +96,6 @@ def write_shards(
         path = shard_dir / f"{prefix}-{shard_index:06d}.tar"
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for name, data in members:
-                tar.addfile(*_tar_member(name, data))
+                tar.addfile(*tar_member(name, data))
         paths.append(path)
     return paths

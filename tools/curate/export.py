@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from datasets.bases import tar_member
 from tools.curate.store import (
     STATS,
     StageError,
@@ -53,13 +54,7 @@ def _tar_bytes(members: Sequence[tuple[str, bytes]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
+            tar.addfile(*tar_member(name, data))
     return buf.getvalue()
 
 
