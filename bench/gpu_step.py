@@ -7,7 +7,8 @@ a batch of 128 captions of 20-60 tokens. Variants, each a fresh model:
 * GASS off / on (and on with `gass.precision=bf16`, and `tf32`);
 * K=1 x 128 vs K=4 x 32 (`train.accum_steps`: gradient caching, same effective batch);
 * compile off / on (`train.compile`, GASS on; the compile time is reported apart);
-* the fused optimiser kernel (`solver.fused`).
+* the fused optimiser kernel (`solver.fused`; with it the step makes no host-device sync, see
+  bench/host_syncs.py; the other variants read the finite-loss flag once per step).
 
 Printed per variant: images/s (median over rounds, and the spread), the step's peak
 GPU memory above what the model, its gradients and optimiser state hold before the
@@ -26,11 +27,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from datasets.build import add_host_facts  # noqa: E402
 from model.build import build_model  # noqa: E402
 from processor.loop import TrainLoop  # noqa: E402
 from solver.optim import build_optimizer  # noqa: E402
@@ -52,7 +55,7 @@ VARIANTS = {
 }
 
 
-def make_batch(size: int, image_size: tuple[int, int], device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+def make_batch(size: int, image_size: tuple[int, int], device: torch.device, seed: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.zeros(size, 77, dtype=torch.long)
     for b in range(size):
@@ -63,7 +66,8 @@ def make_batch(size: int, image_size: tuple[int, int], device: torch.device, see
     batch = {"images": torch.randint(0, 256, (size, 3, *image_size), generator=g, dtype=torch.uint8),
              "pids": torch.arange(size) // 2, "caption_ids": ids, "noise_ids": ids.clone(),
              "mlm_ids": ids.masked_fill(selected, MASK), "mlm_labels": torch.where(selected, ids, 0)}
-    return {k: v.to(device) for k, v in batch.items()}
+    add_host_facts(batch)  # as the training loader does: the step reads nothing back from the device
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 class Variant:

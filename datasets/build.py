@@ -33,7 +33,7 @@ from model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MaskingSpec", "TrainDataset", "ImageDataset", "TextDataset", "collate_train", "build_train_dataset",
+__all__ = ["MaskingSpec", "TrainDataset", "ImageDataset", "TextDataset", "collate_train", "add_host_facts", "build_train_dataset",
            "build_train_loader", "build_eval_loaders", "masking_spec_from_config", "position_loader",
            "set_loader_epoch"]
 
@@ -151,7 +151,7 @@ class TrainDataset(Dataset):
         batch = collate_train(samples)
         if "index" in batch:
             batch.update(self.mask(batch["caption_ids"], batch["index"]))
-        return batch
+        return add_host_facts(batch)
 
     def mask(self, ids: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """The masked captions of samples `indices` ([B]) with clean `ids` ([B, L]).
@@ -177,6 +177,22 @@ class TrainDataset(Dataset):
         elif spec.mlm == "random":
             out["mlm_ids"], out["mlm_labels"] = random_mask(ids, generators, prob=spec.random_prob, **common)
         return out
+
+
+def add_host_facts(batch: dict[str, Any]) -> dict[str, Any]:
+    """Add what the model would otherwise read back from the device, computed on the host.
+
+    `text_length` (int): the longest caption of the batch, EOT included (the text
+    tower runs on that many positions); `mlm_positions` (int64): the labelled
+    positions of the flattened ``mlm_labels`` [B * L], in row-major order (the MLM head
+    runs on those only). With both, a training step never makes the host wait for the
+    device (bench/host_syncs.py). `batch` is changed in place and returned.
+    """
+    if "caption_ids" in batch:
+        batch["text_length"] = int(batch["caption_ids"].argmax(dim=-1).max()) + 1
+    if "mlm_labels" in batch:
+        batch["mlm_positions"] = batch["mlm_labels"].flatten().nonzero().squeeze(1)
+    return batch
 
 
 def collate_train(samples: Sequence[dict | None]) -> dict[str, torch.Tensor]:

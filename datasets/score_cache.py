@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from utils import comm
+from utils.host_sync import HostCopy
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class ScoreCache:
         self.snapshot_path = self.run_dir / f"score_cache{suffix}.snapshot.npy"
         self.lock_path = self.run_dir / f"score_cache{suffix}.lock"
         self._owner_pid: int | None = os.getpid()
+        self._pending: HostCopy | None = None  # an update not yet stored (`update(..., wait=False)`)
         self._is_writer = comm.get_local_rank() == 0
         self._reset_handles()
         if self._is_writer:
@@ -207,6 +209,7 @@ class ScoreCache:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._pending = None
         self._owner_pid = None
         self._is_writer = False
         self._reset_handles()
@@ -294,6 +297,7 @@ class ScoreCache:
             isinstance(indices, (torch.Tensor, np.ndarray)) and indices.ndim == 0
         )
         rows = self._as_rows(indices, "get")
+        self.flush()
         if self.refresh == "epoch":
             values = np.asarray(self._snapshot_view()[rows])
         else:
@@ -304,19 +308,29 @@ class ScoreCache:
         return out[0] if single else out
 
     # ----------------------------------------------------------------- writing
-    def update(self, indices: torch.Tensor, scores: torch.Tensor) -> None:
+    def update(self, indices: torch.Tensor, scores: torch.Tensor, *, applied: torch.Tensor | None = None,
+               wait: bool = True) -> None:
         """Store new scores (collective: every rank calls it, possibly with b = 0).
 
         The writer stores the gathered rows before returning; other ranks
         return right after the gather, so a "step" reader elsewhere may still
         see the previous (complete) row for a moment.
 
+        With ``wait=False`` the host does not wait for the device: the gathered rows are
+        copied to the host in the background and stored at the next `update`, `get`,
+        `flush`, `begin_epoch` or `state_dict` (so a "step" reader sees them one update
+        later, and an out-of-range index is reported there).
+
         Args:
             indices: [b] caption indices of this rank's samples.
             scores: [b, L] their new scores (any float dtype and device; under
                 NCCL the gather runs on this rank's GPU).
+            applied: A boolean (on any device, the same on every rank): store the rows
+                only if true (a training step skipped on the device leaves the cache as it was).
+            wait: Store before returning (see above).
         """
         self._require_owner("update")
+        self.flush()
         indices = torch.as_tensor(indices).reshape(-1)
         scores = torch.as_tensor(scores).detach()
         if scores.shape != (indices.shape[0], self.context_length):
@@ -328,9 +342,24 @@ class ScoreCache:
             raise TypeError(f"ScoreCache.update: caption indices must be integers, got {indices.dtype}")
         # One gather for both: float64 holds every index below 2**53 and every float32 exactly.
         packed = torch.cat(
-            [indices.to(scores.device, torch.float64).unsqueeze(1), scores.to(torch.float64)], dim=1
+            [indices.to(scores.device, torch.float64, non_blocking=True).unsqueeze(1), scores.to(torch.float64)],
+            dim=1,
         )
-        gathered = comm.all_gather_tensor(packed).cpu().numpy()
+        pending = {"rows": comm.all_gather_tensor(packed)}
+        if applied is not None:
+            pending["applied"] = torch.as_tensor(applied).reshape(1)
+        self._pending = HostCopy(pending)
+        if wait:
+            self.flush()
+
+    def flush(self) -> None:
+        """Store the rows of an `update(..., wait=False)` still on their way (waits for their copy only)."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending.get(), None
+        if "applied" in pending and not pending["applied"].all():
+            return
+        gathered = pending["rows"]
         # Every rank validates the gathered rows, so a bad index fails on all ranks alike.
         rows = self._as_rows(gathered[:, 0].astype(np.int64), "update")
         if not self._writes_here():
@@ -354,6 +383,7 @@ class ScoreCache:
         the scores at its start, also after resuming mid-epoch from a checkpoint.
         """
         self._require_owner("begin_epoch")
+        self.flush()
         if self.epoch is not None and int(epoch) == self.epoch:
             logger.debug("score cache: epoch %d already begun; snapshot kept", epoch)
         elif self._writes_here() and self.refresh == "epoch":
@@ -375,6 +405,7 @@ class ScoreCache:
             ``epoch``, ``refresh``, ``format``, ``version``. On a rank other than
             a writer it may lag the writer by one in-flight update.
         """
+        self.flush()
         live = self._live_view()
         with self._locked(shared=True):
             scores = torch.from_numpy(np.array(live))
@@ -397,6 +428,7 @@ class ScoreCache:
             ValueError: not a score-cache state, or a shape different from this cache.
         """
         self._require_owner("load_state_dict")
+        self._pending = None  # superseded by the restored scores
         if state.get("format") != _FORMAT or "scores" not in state:
             raise ValueError(f"ScoreCache.load_state_dict: not a score-cache state (keys {sorted(state)})")
         scores = torch.as_tensor(state["scores"])

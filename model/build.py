@@ -123,13 +123,20 @@ class GADMS(CrossModalMLM, nn.Module):
         """Image features [B, D] (not normalised), float32."""
         return self.base_model.encode_image(images)[:, 0].float()
 
-    def encode_text(self, ids: Tensor) -> Tensor:
-        """Text features [B, D] at the EOT position (not normalised), float32."""
+    def encode_text(self, ids: Tensor, length: int | None = None) -> Tensor:
+        """Text features [B, D] at the EOT position (not normalised), float32.
+
+        `length`: the batch's longest caption, EOT included (`datasets.build.add_host_facts`
+        computes it on the host); without it, it is read from `ids`, which makes the host
+        wait for the device.
+        """
         eot = ids.argmax(dim=-1)
         # The text tower is causal, so the padding after the batch's last EOT
         # cannot change any feature up to it: dropping it is exact and saves
         # most of the compute on short captions.
-        tokens = self.base_model.encode_text(ids[:, : int(eot.max()) + 1])
+        if length is None:
+            length = int(eot.max()) + 1
+        tokens = self.base_model.encode_text(ids[:, :length])
         return tokens[torch.arange(ids.shape[0], device=ids.device), eot].float()
 
     def token_scores(self, image_feats: Tensor, ids: Tensor) -> Tensor:
@@ -148,7 +155,10 @@ class GADMS(CrossModalMLM, nn.Module):
 
         Batch keys: `images` [B,3,H,W], `pids` [B], `caption_ids` [B,L] (clean);
         optional `noise_ids` (contrastive caption; default the clean one);
-        `mlm_ids` and `mlm_labels` when the MLM loss is on.
+        `mlm_ids` and `mlm_labels` when the MLM loss is on. Optional facts computed on
+        the host (`datasets.build.add_host_facts`), which spare the host a wait for the
+        device: `text_length` (int) and `mlm_positions` (the labelled positions of the
+        flattened [B*L] labels).
 
         With ``batch_losses=False`` the losses over the whole batch (SDM, ITC) are left
         out and ``aux["image_feats"]``, ``aux["text_feats"]`` carry their input features,
@@ -167,7 +177,7 @@ class GADMS(CrossModalMLM, nn.Module):
         """(image tokens [B, N, D], image features [B, D], text features of the contrastive captions [B, D])."""
         image_tokens = self.base_model.encode_image(batch["images"])
         contrast_ids = batch.get("noise_ids", batch["caption_ids"])
-        return image_tokens, image_tokens[:, 0].float(), self.encode_text(contrast_ids)
+        return image_tokens, image_tokens[:, 0].float(), self.encode_text(contrast_ids, batch.get("text_length"))
 
     def cache_features(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """What the whole-batch losses read from one micro-batch (gradient-cache protocol, `processor.loop`)."""
@@ -206,9 +216,11 @@ class GADMS(CrossModalMLM, nn.Module):
         if "mlm" in self.loss_names:
             if "mlm_ids" not in batch or "mlm_labels" not in batch:
                 raise KeyError("the mlm loss needs batch['mlm_ids'] and batch['mlm_labels']")
-            selected = batch["mlm_labels"] != 0
-            logits = self.predict_tokens(self.base_model.encode_text(batch["mlm_ids"]), image_tokens, selected)
-            labels = batch["mlm_labels"][selected]
+            positions = batch.get("mlm_positions")
+            if positions is None:  # read from the labels: the host waits for the device
+                positions = batch["mlm_labels"].flatten().nonzero().squeeze(1)
+            logits = self.predict_tokens(self.base_model.encode_text(batch["mlm_ids"]), image_tokens, positions)
+            labels = batch["mlm_labels"].flatten().index_select(0, positions)
             losses["mlm_loss"] = self.loss_weights["mlm"] * objectives.mlm_loss(logits, labels)
             metrics["mlm_acc"] = objectives.masked_accuracy(logits, labels)
         if self.gass and self.training:

@@ -216,6 +216,7 @@ class Trainer:
                          autocast=functools.partial(autocast_context, self.device, cfg.precision), scaler=self.scaler,
                          grad_clip=cfg.solver.grad_clip, max_nonfinite=cfg.train.max_nonfinite,
                          max_batches=cfg.train.max_steps, accum_steps=cfg.train.accum_steps,
+                         sync_period=cfg.log_period,
                          seek=functools.partial(position_loader, self.loader, world_size=self.world_size))
 
     @staticmethod

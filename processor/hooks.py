@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
 from datasets.masking import mask_rates
 from processor.loop import HookBase, StepOutput, TrainLoop
 from utils import comm
@@ -35,7 +37,11 @@ class MetricsHook(HookBase):
 
     Logged per step: the loss terms, their total `loss`, the model's metrics, the mask
     rates of the batch's captions (`datasets.masking.mask_rates`) and the learning
-    rate. Only rank 0 writes; every rank keeps its meters.
+    rate. Only rank 0 writes; every rank keeps its meters. The values stay on the
+    device until a log line is due: then those of all the steps since the last one are
+    read in one go (one host wait per `log_period`, none in between) and written to
+    TensorBoard at their own steps. Steps the loop skipped on the device
+    (`StepOutput.applied` False) are left out, as skipped steps always were.
 
     Args:
         run_dir: Where `metrics.jsonl` is.
@@ -52,6 +58,8 @@ class MetricsHook(HookBase):
         self._bar: Any = None
         self._start = 0.0
         self._lr = 0.0
+        # (step, lr, scalar names, their values and the applied flag as one device vector)
+        self._pending: list[tuple[int, float, list[str], torch.Tensor]] = []
 
     def before_epoch(self, loop: TrainLoop, epoch: int) -> None:
         self.meters = MeterDict()
@@ -59,20 +67,36 @@ class MetricsHook(HookBase):
         self._lr = loop.optimizer.param_groups[0]["lr"]  # the scheduler steps after the epoch
 
     def after_step(self, loop: TrainLoop, batch: Mapping[str, Any], output: StepOutput) -> None:
-        scalars = {**output.scalars(), **mask_rates(batch)}
-        self.meters.update(scalars)
-        if not comm.is_main_process():
-            return
-        step = loop.global_step
-        if self.writer is not None:
-            for name, value in scalars.items():
-                self.writer.add_scalar(f"train/{name}", float(value), step)
-            self.writer.add_scalar("train/lr", loop.optimizer.param_groups[0]["lr"], step)
-        self._advance(loop)
+        scalars = {k: v for k, v in {**output.scalars(), **mask_rates(batch)}.items() if v.numel() == 1}
+        applied = output.applied if output.applied is not None else torch.ones((), device=output.loss.device)
+        values = torch.stack([v.detach().float().reshape(()) for v in (*scalars.values(), applied)])
+        self._pending.append((loop.global_step, loop.optimizer.param_groups[0]["lr"], list(scalars), values))
+        if comm.is_main_process():
+            self._advance(loop)
         if loop.batches_done % self.log_period == 0 or loop.batches_done == loop.epoch_length:
-            logger.info("epoch %d [%d/%d] step %d lr %.2e %s", loop.epoch, loop.batches_done, loop.epoch_length,
-                        step, loop.optimizer.param_groups[0]["lr"],
-                        " ".join(f"{k} {v:.4f}" for k, v in self.meters.averages().items()))
+            self.flush()
+            if comm.is_main_process():
+                logger.info("epoch %d [%d/%d] step %d lr %.2e %s", loop.epoch, loop.batches_done,
+                            loop.epoch_length, loop.global_step, loop.optimizer.param_groups[0]["lr"],
+                            " ".join(f"{k} {v:.4f}" for k, v in self.meters.averages().items()))
+
+    def flush(self) -> None:
+        """Read the values of the steps since the last flush (one host wait) into the meters and TensorBoard."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        flat = torch.cat([values for *_, values in pending]).tolist()
+        start = 0
+        for step, lr, names, values in pending:
+            row, start = flat[start:start + len(values)], start + len(values)
+            if not row[-1]:  # skipped on the device
+                continue
+            self.meters.update(dict(zip(names, row)))
+            if self.writer is not None and comm.is_main_process():
+                # The step's number when it ran (global_step after it), as before the values were batched.
+                for name, value in zip(names, row):
+                    self.writer.add_scalar(f"train/{name}", value, step)
+                self.writer.add_scalar("train/lr", lr, step)
 
     def _advance(self, loop: TrainLoop) -> None:
         if not self.progress:
@@ -89,6 +113,7 @@ class MetricsHook(HookBase):
             self._bar = None
 
     def after_epoch(self, loop: TrainLoop, epoch: int) -> None:
+        self.flush()
         self._close_bar()
         if not comm.is_main_process():
             return
@@ -101,6 +126,7 @@ class MetricsHook(HookBase):
                     ", ".join(f"{k} {v:.4f}" for k, v in averages.items()))
 
     def on_stop(self, loop: TrainLoop, epoch: int, batches_done: int) -> None:
+        self.flush()
         self._close_bar()
 
     def after_train(self, loop: TrainLoop) -> None:

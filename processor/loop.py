@@ -35,7 +35,19 @@ features. A stop request is honoured between optimisation steps only.
 
 A stop request (SIGTERM/SIGINT, `utils.checkpoint.GracefulExit`) ends the epoch
 after the current step on every rank together; the hooks' `on_stop` then runs
-instead of `after_epoch`.
+instead of `after_epoch`. Under several processes the ranks agree on it every
+`sync_period` steps and at the end of each epoch.
+
+Host-device syncs. A step whose loss is not finite is skipped. With an optimiser that
+can skip its own update on the device (a fused kernel: `solver.fused`; torch marks it
+`_step_supports_amp_scaling`) and no fp16 loss scaling, the loop never reads the
+loss on the host: it always back-propagates, hands the optimiser the "not finite" flag
+(`optimizer.found_inf`, as `torch.amp.GradScaler` does; the fused kernel then leaves
+parameters and moments untouched), calls the hooks with `StepOutput.applied` (a device
+boolean) and reads the flags of the past steps in one go every `sync_period` steps
+(warnings, `nonfinite_total`, `NonFiniteLossError`). `global_step` then counts the
+skipped steps too. Otherwise the flag is read after each forward (one host wait per
+step), a skipped step is not back-propagated, not counted, and the hooks do not see it.
 """
 
 from __future__ import annotations
@@ -71,12 +83,15 @@ class StepOutput:
         losses: The model's loss terms.
         metrics: The model's scalar diagnostics.
         aux: The model's other tensors (e.g. token scores).
+        applied: Whether the optimiser applied this step (a boolean on the device) when the
+            loop skips non-finite steps on the device; None when it was applied for sure.
     """
 
     loss: torch.Tensor
     losses: dict[str, torch.Tensor]
     metrics: dict[str, torch.Tensor]
     aux: dict[str, torch.Tensor]
+    applied: torch.Tensor | None = None
 
     def scalars(self) -> dict[str, torch.Tensor]:
         """Loss terms, metrics and the total as ``loss``: what is logged per step."""
@@ -96,7 +111,8 @@ class HookBase:
         """Before the loader is positioned for `epoch`."""
 
     def after_step(self, loop: TrainLoop, batch: Mapping[str, Any], output: StepOutput) -> None:
-        """After each optimisation step (not after a skipped one); `batch` is on the device."""
+        """After each optimisation step; `batch` is on the device. A step skipped for a non-finite
+        loss comes here only when the skip happened on the device (`output.applied` is False then)."""
 
     def after_epoch(self, loop: TrainLoop, epoch: int) -> None:
         """After a finished epoch and the scheduler's step."""
@@ -145,6 +161,8 @@ class TrainLoop:
         max_batches: Optimisation steps per epoch at most; 0 = the whole loader.
         seek: ``seek(epoch, batches_done)`` positions the loader (see the module doc).
         accum_steps: Loader batches per optimisation step (gradient caching when > 1).
+        sync_period: Steps between the loop's host reads of device state (non-finite flags of
+            skipped-on-device steps; the ranks' stop agreement). 1 = every step.
     """
 
     def __init__(self, model: nn.Module, loader: Iterable[Mapping[str, Any]], optimizer: torch.optim.Optimizer,
@@ -153,9 +171,11 @@ class TrainLoop:
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                  scaler: torch.amp.GradScaler | None = None, grad_clip: float = 0.0, max_nonfinite: int = 5,
                  max_batches: int = 0, seek: Callable[[int, int], None] | None = None,
-                 accum_steps: int = 1) -> None:
+                 accum_steps: int = 1, sync_period: int = 1) -> None:
         if accum_steps < 1:
             raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+        if sync_period < 1:
+            raise ValueError(f"sync_period must be >= 1, got {sync_period}")
         self.model, self.loader, self.optimizer, self.scheduler = model, loader, optimizer, scheduler
         self.hooks = list(hooks)
         self.forward_model = forward_model if forward_model is not None else model
@@ -163,7 +183,11 @@ class TrainLoop:
         self.autocast = autocast
         self.scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)
         self.grad_clip, self.max_nonfinite, self.max_batches = grad_clip, max_nonfinite, max_batches
-        self.seek, self.accum_steps = seek, accum_steps
+        self.seek, self.accum_steps, self.sync_period = seek, accum_steps, sync_period
+        # Skip non-finite steps on the device: the optimiser honours `found_inf` and no fp16 scaler does.
+        self.skips_on_device = bool(getattr(optimizer, "_step_supports_amp_scaling", False)) \
+            and not self.scaler.is_enabled()
+        self._pending_flags: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
         self.global_step = 0
         self.epoch = 0
         self.batches_done = 0  # batches consumed in the current epoch (skipped ones included)
@@ -187,7 +211,7 @@ class TrainLoop:
                 self._call("before_epoch", epoch)
                 done = self.train_one_epoch(epoch, stop, skip_batches)
                 skip_batches = 0
-                if stop.requested:
+                if stop.should_stop():  # collective: the ranks agree whatever the sync period
                     self.stopped = True
                     self._call("on_stop", epoch, done)
                     break
@@ -226,8 +250,11 @@ class TrainLoop:
                 if output is not None:
                     self._call("after_step", pending[0] if k == 1 else _concat(pending), output)
                 pending = []
-            if stop.should_stop():  # collective: every rank stops after the same step
+            # Collective under DDP (every rank stops after the same step): every sync_period steps.
+            if (comm.get_world_size() == 1 or (self.batches_done // k) % self.sync_period == 0) \
+                    and stop.should_stop():
                 break
+        self.resolve_nonfinite()
         if self.skipped_samples:
             logger.warning("epoch %d: skipped %d unreadable image(s) (data.skip_bad_images)", epoch,
                            self.skipped_samples)
@@ -238,14 +265,13 @@ class TrainLoop:
         with self.autocast():
             losses, metrics, aux = self.forward_model(batch)
         loss = sum(losses.values())
-        if not self._all_finite(torch.isfinite(loss.detach())):
-            self._skip_nonfinite(losses)
+        finite = self._finite_everywhere(torch.isfinite(loss.detach()))
+        losses = {k: v.detach() for k, v in losses.items()}
+        if not self.skips_on_device and not self._read_finite(finite, losses):
             return None
-        self.nonfinite_in_row = 0
         self.scaler.scale(loss).backward()
-        self._optimizer_step()
-        return StepOutput(loss.detach(), {k: v.detach() for k, v in losses.items()},
-                          {k: v.detach() for k, v in metrics.items()}, {k: v.detach() for k, v in aux.items()})
+        return self._finish_step(finite, loss.detach(), losses, {k: v.detach() for k, v in metrics.items()},
+                                 {k: v.detach() for k, v in aux.items()})
 
     def accumulated_step(self, micro_batches: Sequence[Mapping[str, Any]]) -> StepOutput | None:
         """One optimisation step over K micro-batches by gradient caching (see the module doc)."""
@@ -291,38 +317,73 @@ class TrainLoop:
         losses = {n: v.detach() for n, v in batch_losses.items()}
         losses.update({n: sum(p.losses[n] for p in parts) / k for n in parts[0].losses})
         loss = sum(losses.values())
-        if not self._all_finite(finite):
-            self._skip_nonfinite(losses)
+        finite = self._finite_everywhere(finite)
+        if not self.skips_on_device and not self._read_finite(finite, losses):
             return None
-        self.nonfinite_in_row = 0
-        self._optimizer_step()
-        return StepOutput(loss, losses, {n: sum(p.metrics[n] for p in parts) / k for n in parts[0].metrics},
-                          {n: torch.cat([p.aux[n] for p in parts]) for n in parts[0].aux})
+        return self._finish_step(finite, loss, losses,
+                                 {n: sum(p.metrics[n] for p in parts) / k for n in parts[0].metrics},
+                                 {n: torch.cat([p.aux[n] for p in parts]) for n in parts[0].aux})
 
-    def _optimizer_step(self) -> None:
+    def _finish_step(self, finite: torch.Tensor, loss: torch.Tensor, losses: dict[str, torch.Tensor],
+                     metrics: dict[str, torch.Tensor], aux: dict[str, torch.Tensor]) -> StepOutput:
+        """The optimiser's step once the gradients are in (skipped on the device unless `finite`)."""
         if self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.scaler.step(self.optimizer)
+        if self.skips_on_device:
+            self.optimizer.found_inf = (~finite).float()  # read by the fused kernel, as GradScaler sets it
+            try:
+                self.scaler.step(self.optimizer)
+            finally:
+                del self.optimizer.found_inf
+        else:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
+        if not self.skips_on_device:
+            return StepOutput(loss, losses, metrics, aux)
+        self._pending_flags.append((self.global_step - 1, finite, losses))
+        if len(self._pending_flags) >= self.sync_period:
+            self.resolve_nonfinite()
+        return StepOutput(loss, losses, metrics, aux, applied=finite)
 
     @staticmethod
-    def _all_finite(finite: torch.Tensor) -> bool:
-        """Whether this step's losses are finite on every rank (`finite`: this rank's boolean)."""
-        finite = finite.float()
+    def _finite_everywhere(finite: torch.Tensor) -> torch.Tensor:
+        """This step's "losses finite" boolean, the same on every rank (no host read)."""
         if comm.get_world_size() > 1:
             # Every rank must skip together, or DDP's gradient all-reduce would hang.
+            finite = finite.float()
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        return bool(finite.item())
+            finite = finite > 0
+        return finite
 
-    def _skip_nonfinite(self, losses: Mapping[str, torch.Tensor]) -> None:
+    def _read_finite(self, finite: torch.Tensor, losses: Mapping[str, torch.Tensor]) -> bool:
+        """Read `finite` on the host (one wait for the device); count and report a skipped step."""
+        if bool(finite):
+            self.nonfinite_in_row = 0
+            return True
         self.optimizer.zero_grad(set_to_none=True)
+        self._count_nonfinite(self.global_step, {k: float(v) for k, v in losses.items()})
+        return False
+
+    def resolve_nonfinite(self) -> None:
+        """Read the flags of the steps skipped on the device since the last call (one host wait)."""
+        if not self._pending_flags:
+            return
+        pending, self._pending_flags = self._pending_flags, []
+        flags = torch.stack([finite for _, finite, _ in pending]).tolist()
+        for (step, _, losses), finite in zip(pending, flags):
+            if finite:
+                self.nonfinite_in_row = 0
+            else:
+                self._count_nonfinite(step, {k: float(v) for k, v in losses.items()})
+
+    def _count_nonfinite(self, step: int, losses: Mapping[str, float]) -> None:
         self.nonfinite_in_row += 1
         self.nonfinite_total += 1
-        logger.warning("non-finite loss at step %d, step skipped (%d in a row): %s", self.global_step,
-                       self.nonfinite_in_row, {k: float(v.detach()) for k, v in losses.items()})
+        logger.warning("non-finite loss at step %d, step skipped (%d in a row): %s", step,
+                       self.nonfinite_in_row, losses)
         if self.nonfinite_in_row >= self.max_nonfinite:
             raise NonFiniteLossError(f"{self.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite); "
                                      "lower the learning rate or try precision=bf16/fp32")

@@ -34,6 +34,7 @@ from processor.loop import StepOutput, TrainLoop
 from processor.noise_detection import load_noise_report, noise_detection_auc, summarize_aucs
 from utils import comm
 from utils.config import Config
+from utils.host_sync import HostCopy
 from utils.metrics_log import append_metrics
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ __all__ = ["GassScores", "GassTask", "NOISE_SCORERS", "PretrainTask", "measure_n
 #: Scorers compared in the noise-detection records.
 NOISE_SCORERS = ("gass", "css", "random")
 NOISE_RECORD = "noise_auc"
+_QUANTILES = (0.1, 0.5, 0.9)  # of the step's token scores, logged as gass/q10|50|90
 
 
 def measure_noise_detection(model: torch.nn.Module, cfg: Config, device: torch.device | str = "cpu"
@@ -66,6 +68,7 @@ class GassScores:
     def __init__(self, cfg: Config, num_captions: int, run_dir: str) -> None:
         self.cache = ScoreCache(run_dir, num_captions, cfg.data.text_length, init_value=cfg.gass.init_score,
                                 refresh=cfg.gass.refresh)
+        self._stats: tuple[int, HostCopy] | None = None  # the last step's statistics, on their way to the host
 
     @staticmethod
     def wanted(cfg: Config) -> bool:
@@ -76,16 +79,31 @@ class GassScores:
         self.cache.begin_epoch(epoch)
 
     def after_step(self, loop: TrainLoop, batch: Mapping[str, Any], output: StepOutput, writer: Any) -> None:
+        """Store the step's scores and log their statistics, without waiting for the device: both reach
+        the host in the background and are written at the next step (or `flush`)."""
         scores = output.aux.get("gass_scores")
         if scores is None:
             return
-        self.cache.update(batch["index"], scores)
+        self.cache.update(batch["index"], scores, applied=output.applied, wait=False)
         if writer is not None and comm.is_main_process():
-            valid = scores[scores > 0]
-            if valid.numel():
-                writer.add_scalar("gass/mean", float(valid.mean()), loop.global_step)
-                for q in (0.1, 0.5, 0.9):
-                    writer.add_scalar(f"gass/q{int(q * 100)}", float(valid.float().quantile(q)), loop.global_step)
+            self.flush(writer)
+            valid = torch.where(scores > 0, scores.float(), torch.nan).flatten()  # scored tokens only
+            stats = torch.stack([valid.nanmean(), *(valid.nanquantile(q) for q in _QUANTILES)])
+            applied = output.applied if output.applied is not None else torch.ones((), device=stats.device)
+            self._stats = (loop.global_step, HostCopy({"stats": stats, "applied": applied.reshape(1)}))
+
+    def flush(self, writer: Any) -> None:
+        """Write the statistics still on their way to the host (the cache stores its rows itself)."""
+        if self._stats is None:
+            return
+        (step, copy), self._stats = self._stats, None
+        got = copy.get()
+        mean, *quantiles = got["stats"].tolist()
+        if not got["applied"].all() or mean != mean:  # skipped on the device, or no scored token
+            return
+        writer.add_scalar("gass/mean", mean, step)
+        for q, value in zip(_QUANTILES, quantiles):
+            writer.add_scalar(f"gass/q{int(q * 100)}", value, step)
 
 
 class GassTask(Task):
@@ -112,6 +130,21 @@ class GassTask(Task):
     def after_step(self, loop: TrainLoop, batch: Mapping[str, Any], output: StepOutput) -> None:
         if self.gass is not None:
             self.gass.after_step(loop, batch, output, self.trainer.writer)
+
+    def after_epoch(self, loop: TrainLoop, epoch: int) -> None:
+        self._flush()
+
+    def on_stop(self, loop: TrainLoop, epoch: int, batches_done: int) -> None:
+        self._flush()
+
+    def after_train(self, loop: TrainLoop) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.gass is not None:
+            self.gass.cache.flush()
+            if self.trainer.writer is not None and comm.is_main_process():
+                self.gass.flush(self.trainer.writer)
 
 
 class PretrainTask(GassTask):
@@ -141,6 +174,7 @@ class PretrainTask(GassTask):
             self._log_noise(trainer, -1, 0, measure_noise_detection(trainer.model, trainer.cfg, trainer.device))
 
     def after_epoch(self, loop: TrainLoop, epoch: int) -> None:
+        super().after_epoch(loop, epoch)
         trainer = self.trainer
         if self._measures_noise and comm.is_main_process() and (epoch + 1) % trainer.cfg.eval.period == 0:
             self._log_noise(trainer, epoch, loop.global_step,

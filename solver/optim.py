@@ -24,6 +24,7 @@ of groups instead of one per tensor); each group also carries ``param_names``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -176,9 +177,10 @@ def create_optimizer(
         momentum: SGD momentum.
         betas: Adam/AdamW betas.
         eps: Adam/AdamW epsilon.
-        fused: torch's fused kernel (one launch for all parameters) when every parameter is
-            on CUDA; otherwise the default (multi-tensor ``foreach`` on CUDA), with a warning.
-            Off by default: it rounds differently from the default kernels.
+        fused: torch's fused kernel (one launch for all parameters; it can skip a step on
+            the device, see `processor.loop`) where torch has one for the parameters' device
+            (CUDA; the CPU in recent torch); otherwise the default kernel (multi-tensor
+            ``foreach`` on CUDA), with a warning. Off by default: it rounds differently.
         **group_kwargs: forwarded to :func:`build_param_groups`
             (``bias_lr_factor``, ``weight_decay_bias``, ``lr_factor``,
             ``cross_prefixes``, ``head_prefixes``, ``frozen_prefixes``).
@@ -187,16 +189,16 @@ def create_optimizer(
     if len(betas) != 2:
         raise ValueError(f"betas must hold two values, got {list(betas)}")
     groups = build_param_groups(model, lr=lr, weight_decay=weight_decay, **group_kwargs)
-    kernel: dict[str, Any] = {}
-    if fused:
-        if all(p.is_cuda for group in groups for p in group["params"]):
-            kernel["fused"] = True
-        else:
-            logger.warning("solver.fused: the fused optimiser kernel needs every parameter on CUDA; "
-                           "using the default kernel")
     if optimizer is torch.optim.SGD:
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, **kernel)
-    return optimizer(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps, **kernel)
+        make = functools.partial(torch.optim.SGD, groups, lr=lr, momentum=momentum)
+    else:
+        make = functools.partial(optimizer, groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps)
+    if fused:
+        try:
+            return make(fused=True)
+        except (RuntimeError, ValueError) as err:  # torch refuses the fused kernel for this device or dtype
+            logger.warning("solver.fused: %s; using the default kernel", str(err).splitlines()[0] if str(err) else err)
+    return make()
 
 
 def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:

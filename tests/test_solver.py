@@ -348,11 +348,23 @@ def test_build_lr_scheduler_reads_every_solver_key(mode):
         scheduler.step()
 
 
-def test_fused_kernel_is_asked_only_where_every_parameter_is_on_cuda(caplog):
-    """solver.fused on a CPU model: the default kernel, with a warning (torch has no fused CPU Adam here)."""
+def test_fused_kernel_where_torch_has_one_else_the_default_with_a_warning(caplog, monkeypatch):
+    """solver.fused: torch's fused kernel where it exists for the device (the CPU in this torch); where torch
+    refuses it, the default kernel and a warning that says why."""
     model = torch.nn.Linear(3, 2)
+    for name in ("Adam", "AdamW", "SGD"):
+        assert create_optimizer(model, name=name, lr=1e-3, weight_decay=0.0, fused=True).defaults["fused"], name
+        assert not create_optimizer(model, name=name, lr=1e-3, weight_decay=0.0).defaults.get("fused"), name
+
+    class NoFusedAdam(torch.optim.Adam):
+        def __init__(self, *args, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
+                                   "supported devices: ['cuda']")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setitem(OPTIMIZERS, "Adam", NoFusedAdam)
     with caplog.at_level("WARNING", logger="solver.optim"):
         optimizer = create_optimizer(model, name="Adam", lr=1e-3, weight_decay=0.0, fused=True)
-    assert not optimizer.defaults.get("fused")
-    assert "needs every parameter on CUDA" in caplog.text
-    assert not create_optimizer(model, name="AdamW", lr=1e-3, weight_decay=0.0).defaults.get("fused")
+    assert isinstance(optimizer, NoFusedAdam) and not optimizer.defaults.get("fused")
+    assert "solver.fused: `fused=True` requires" in caplog.text and "using the default kernel" in caplog.text

@@ -41,6 +41,10 @@ class MeterDict:
         names = [k for k, v in values.items() if not torch.is_tensor(v) or v.numel() == 1]
         if not names:
             return
+        if not any(torch.is_tensor(values[k]) for k in names):  # host values: nothing to read back
+            for name in names:
+                self.meters[name].update(values[name], n)
+            return
         device = next((v.device for v in values.values() if torch.is_tensor(v)), torch.device("cpu"))
         stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=device).detach().reshape(())
                                for k in names])
