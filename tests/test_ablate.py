@@ -15,12 +15,22 @@ ablate = load_tool("ablate")
 PRETRAIN = str(REPO / "configs" / "demo" / "tiny_pretrain.yaml")
 
 
-def test_markdown_table_mean_and_std():
+def test_markdown_table_mean_std_intervals_and_paired_differences():
     runs = [{"R1": 10.0, "R5": 20.0, "R10": 30.0, "mAP": 12.0, "mINP": 5.0, "noise_auc": 0.6},
             {"R1": 14.0, "R5": 20.0, "R10": 30.0, "mAP": 16.0, "mINP": 7.0, "noise_auc": 0.7}]
     table = ablate.markdown_table({"sdm": runs, "gadms": runs[:1]}, [0, 1])
-    assert "| SDM | 12.0 ± 2.8 | 20.0 ± 0.0 | 30.0 ± 0.0 | 14.0 ± 2.8 | 6.0 ± 1.4 | 0.650 ± 0.071 | – | – |" in table
+    assert "| SDM | 12.0 ± 2.8 | 20.0 ± 0.0 | 30.0 ± 0.0 | 14.0 ± 2.8 | 6.0 ± 1.4 | – | 0.650 ± 0.071 | – | – |" in table
     assert "| SDM + GASS noise masking + informative MTP (GA-DMS) | 10.0 | 20.0 |" in table
+    # Five seeds: the t-interval of the mean (t_0.975,4 = 2.776), and differences paired by seed.
+    base = [{**runs[0], "R1": r1, "R1_mix30": r1 - 5} for r1 in (10.0, 12.0, 11.0, 13.0, 14.0)]
+    better = [{**r, "R1": r["R1"] + d, "R1_mix30": r["R1_mix30"] + 3} for r, d in zip(base, (1, 2, 3, 2, 2))]
+    table = ablate.markdown_table({"sdm": base, "gadms": better}, [0, 1, 2, 3, 4])
+    half = 2.776 * 1.5811388 / 5 ** 0.5  # stdev of 10..14 is 1.58
+    assert f"| SDM | 12.0 [{12 - half:.1f}, {12 + half:.1f}] | – | – | 7.0 [" in table
+    half = 2.776 * 0.7071068 / 5 ** 0.5  # differences 1, 2, 3, 2, 2
+    assert f"| 14.0 [11.7, 16.3] | +2.0 [+{2 - half:.1f}, +{2 + half:.1f}] | +0.0 [+0.0, +0.0] | 10.0 [" in table
+    assert "| +3.0 [+3.0, +3.0] | +0.000 [+0.000, +0.000] |" in table
+    assert ablate.t975(4) == 2.776 and ablate.t975(11) == 2.228 and ablate.t975(100) == 1.96
 
 
 def test_ablation_end_to_end_and_rerun_reuses_runs(synthetic_root, tmp_path, capsys):
@@ -35,6 +45,7 @@ def test_ablation_end_to_end_and_rerun_reuses_runs(synthetic_root, tmp_path, cap
     for name in ("sdm", "gadms_css"):
         result = json.loads((out / name / "seed0" / "ablation.json").read_text())
         assert 0 <= result["R1"] <= 100 and 0 <= result["noise_auc"] <= 1 and result["best_epoch"] in (0, 1)
+        assert 0 <= result["R1_mix30"] <= 100 and 0.2 < result["words_changed_mix30"] < 0.4
         metrics = [json.loads(line) for line in (out / name / "seed0" / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in metrics if r["type"] == "train"] == [0, 1]
     resolved = load_config(str(out / "gadms_css" / "seed0" / "config.yaml"))
@@ -55,6 +66,15 @@ def test_ablation_end_to_end_and_rerun_reuses_runs(synthetic_root, tmp_path, cap
         assert again[f"noise_auc_{kind}"] == pytest.approx(full[f"noise_auc_{kind}"], abs=1e-6)
     assert (out / "sdm" / "seed0" / "metrics.jsonl").read_text() == before
     assert again["config"] == load_config(str(out / "sdm" / "seed0" / "config.yaml")).to_dict()
+    # The robustness columns, likewise, from the selected checkpoint, whose clean queries give the recorded R1.
+    path.write_text(json.dumps({k: v for k, v in full.items() if not k.endswith("_mix30")}))
+    assert ablate.main(argv) == 0
+    again = json.loads(path.read_text())
+    assert again["R1_mix30"] == full["R1_mix30"] and again["mAP_mix30"] == full["mAP_mix30"]
+    cfg = load_config(str(out / "sdm" / "seed0" / "config.yaml"))
+    rows = ablate.noisy_retrieval(cfg, str(out / "sdm" / "seed0" / "best_CUHK-PEDES.pth"), "mix", 0.3)["CUHK-PEDES"]
+    clean = next(r for r in rows if r["task"] == "t2i" and r["noise"] == "none")
+    assert clean["R1"] == pytest.approx(full["R1"], abs=1e-9) and clean["mAP"] == pytest.approx(full["mAP"], abs=1e-6)
 
     # Settings that do not change results (logging, workers, threads) still reuse the runs.
     capsys.readouterr()

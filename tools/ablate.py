@@ -48,6 +48,7 @@ from processor.backbone import DEFAULT_CACHE, make_backbone, settings_for  # noq
 from processor.engine import Trainer  # noqa: E402
 from processor.noise_detection import NOISE_KINDS, noise_detection_auc, summarize_aucs  # noqa: E402
 from processor.pretrain import PretrainTask  # noqa: E402
+from processor.robustness import noisy_retrieval  # noqa: E402
 from utils.checkpoint import atomic_write, read_checkpoint  # noqa: E402
 from utils.cli import ToolError, one_line  # noqa: E402
 from utils.config import Config, apply_overrides, load_config  # noqa: E402
@@ -61,6 +62,9 @@ logger = logging.getLogger(__name__)
 CONFIG = REPO / "configs" / "demo" / "tiny_pretrain.yaml"
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 BENCHMARK = "CUHK-PEDES"
+#: Query noise of the robustness columns: this kind at this rate (fraction of the words), noise seed 0.
+ROBUST_KIND, ROBUST_RATE = "mix", 0.3
+ROBUST_FIELD = f"R1_{ROBUST_KIND}{round(ROBUST_RATE * 100)}"
 #: Config keys that do not change a run's results: ignored when deciding whether a run is the one asked for.
 RESULT_NEUTRAL_KEYS = ("output_dir", "log_period", "num_threads", "device", "data.num_workers",
                        "data.test_batch_size", "eval.chunk_size", "train.resume", "train.trust_checkpoints",
@@ -134,6 +138,15 @@ def auc_fields(model: torch.nn.Module, cfg: Any, data: str, device: torch.device
     for kind in NOISE_KINDS:
         fields[f"noise_auc_{kind}"] = summary[kind]
     return fields
+
+
+def robustness_fields(cfg: Any, run_dir: Path) -> dict[str, float]:
+    """R1_mix30 / mAP_mix30: text-to-image retrieval of the selected checkpoint (`best_<benchmark>.pth`) on the
+    benchmark's test split with 30% of the query words corrupted (`mix`, noise seed 0; gallery untouched)."""
+    rows = noisy_retrieval(cfg, str(run_dir / f"best_{BENCHMARK}.pth"), ROBUST_KIND, ROBUST_RATE)[BENCHMARK]
+    noisy = next(r for r in rows if r["task"] == "t2i" and r["noise"] == ROBUST_KIND)
+    suffix = f"{ROBUST_KIND}{round(ROBUST_RATE * 100)}"
+    return {f"R1_{suffix}": noisy["R1"], f"mAP_{suffix}": noisy["mAP"], "words_changed_" + suffix: noisy["changed"]}
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -218,6 +231,9 @@ def run_variant(args: argparse.Namespace, name: str, seed: int, warmup: int | No
             load_model_weights(model, state, source=str(run_dir / "last.pth"))
             result.update(auc_fields(model, cfg, args.data, torch.device("cpu")))
             save_result(result_file, {**result, "config": saved})
+        if ROBUST_FIELD not in result:  # recorded before the robustness columns
+            result.update(robustness_fields(cfg, run_dir))
+            save_result(result_file, {**result, "config": saved})
         return result
     if (run_dir / "last.pth").exists():
         check_run_config(run_dir, read_run_config(run_dir), cfg, "started")
@@ -235,8 +251,19 @@ def run_variant(args: argparse.Namespace, name: str, seed: int, warmup: int | No
     result = {k: float(test[k]) for k in METRICS}
     result["best_epoch"] = int(entry.get("epoch", -1))
     result.update(auc_fields(trainer.model, cfg, args.data, trainer.device))
+    result.update(robustness_fields(cfg, run_dir))
     save_result(result_file, {**result, "config": cfg.to_dict()})
     return result
+
+
+#: Two-sided 95% quantiles of Student's t by degrees of freedom (more: the normal 1.96).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    """The 95% two-sided t quantile for `df` degrees of freedom (the next smaller tabulated df: conservative)."""
+    return T975[max(k for k in T975 if k <= df)] if df <= 30 else 1.96
 
 
 def mean_std(values: Sequence[float], digits: int = 1) -> str:
@@ -245,16 +272,51 @@ def mean_std(values: Sequence[float], digits: int = 1) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def mean_ci(values: Sequence[float], digits: int = 1, signed: bool = False) -> str:
+    """`mean [low, high]`: the 95% t-interval of the mean (the mean alone for one value; – for none)."""
+    sign = "+" if signed else ""
+    if len(values) < 2:
+        return f"{values[0]:{sign}.{digits}f}" if values else "–"
+    mean = statistics.mean(values)
+    half = t975(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return f"{mean:{sign}.{digits}f} [{mean - half:{sign}.{digits}f}, {mean + half:{sign}.{digits}f}]"
+
+
+def paired_differences(runs: Sequence[Mapping[str, Any]], base: Sequence[Mapping[str, Any]], key: str,
+                       seeds: Sequence[int]) -> list[float]:
+    """`key` of each run minus the base variant's run of the same seed (runs listed in `seeds` order)."""
+    by_seed = dict(zip(seeds, base))
+    return [r[key] - by_seed[s][key] for s, r in zip(seeds, runs) if s in by_seed and key in r and key in by_seed[s]]
+
+
 def markdown_table(results: dict[str, list[dict[str, float]]], seeds: Sequence[int]) -> str:
-    """Mean ± std (sample std over seeds) per variant."""
-    head = "| variant | " + " | ".join(METRICS) + " | noise AUC | wrong attribute | irrelevant phrase |"
+    """Mean ± std (sample std over seeds) per variant; 95% intervals; differences to SDM paired by seed."""
+    robust = f"R1, {round(ROBUST_RATE * 100)}% {ROBUST_KIND} noise"
+    head = ("| variant | " + " | ".join(METRICS) + f" | {robust} | noise AUC | wrong attribute | irrelevant phrase |")
     lines = [f"Direct transfer to the synthetic benchmark's test split (text -> image), mean ± std over "
-             f"seeds {', '.join(map(str, seeds))}; noise AUC: clean vs corrupted words of noisy WebPerson "
-             "captions (0.5 = chance), all and per corruption kind.", "", head, "|" + "---|" * (len(METRICS) + 4)]
+             f"seeds {', '.join(map(str, seeds))}; {robust}: the same queries with {round(ROBUST_RATE * 100)}% of "
+             f"their words corrupted (`{ROBUST_KIND}`, noise seed 0, gallery untouched); noise AUC: clean vs "
+             "corrupted words of noisy WebPerson captions (0.5 = chance), all and per corruption kind.", "", head,
+             "|" + "---|" * (len(METRICS) + 5)]
     for name, runs in results.items():
         cells = [mean_std([r[m] for r in runs]) for m in METRICS]
-        for key in ("noise_auc", *(f"noise_auc_{kind}" for kind in NOISE_KINDS)):
-            cells.append(mean_std([r[key] for r in runs], digits=3) if all(key in r for r in runs) else "–")
+        for key, digits in ((ROBUST_FIELD, 1), ("noise_auc", 3), *((f"noise_auc_{k}", 3) for k in NOISE_KINDS)):
+            cells.append(mean_std([r[key] for r in runs], digits) if all(key in r for r in runs) else "–")
+        lines.append(f"| {VARIANTS[name][0]} | " + " | ".join(cells) + " |")
+    base = results.get("sdm")
+    if base is None or len(seeds) < 2:
+        return "\n".join(lines) + "\n"
+    lines += ["", "Mean and 95% interval (t, over seeds) of each variant's R1, and of its difference to SDM "
+                  "paired by seed (an interval that excludes 0: a difference larger than the seed spread).", "",
+              f"| variant | R1 | R1 − SDM | mAP − SDM | {robust} | its − SDM | noise AUC − SDM |",
+              "|---|---|---|---|---|---|---|"]
+    for name, runs in results.items():
+        def versus_sdm(key: str, digits: int, runs: Sequence[Mapping[str, Any]] = runs, name: str = name) -> str:
+            return mean_ci(paired_differences(runs, base, key, seeds), digits, signed=True) if name != "sdm" else "–"
+
+        cells = [mean_ci([r["R1"] for r in runs]), versus_sdm("R1", 1), versus_sdm("mAP", 1),
+                 mean_ci([r[ROBUST_FIELD] for r in runs if ROBUST_FIELD in r]), versus_sdm(ROBUST_FIELD, 1),
+                 versus_sdm("noise_auc", 3)]
         lines.append(f"| {VARIANTS[name][0]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

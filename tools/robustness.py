@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from prettytable import PrettyTable  # noqa: E402
 
-from datasets import EvalSplit  # noqa: E402
-from datasets.text_noise import DEFAULT_VOCABULARY, NOISE_KINDS, NoisyCaption, corrupt_captions, load_vocabulary  # noqa: E402
+from datasets.text_noise import DEFAULT_VOCABULARY, NOISE_KINDS, NoisyCaption, load_vocabulary  # noqa: E402
 from processor.evaluate import build_evaluator, eval_splits  # noqa: E402
 from processor.inference import load_for_evaluation  # noqa: E402
+from processor.robustness import CLEAN, evaluate_under_noise, noisy_queries  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.config import load_config  # noqa: E402
@@ -60,8 +60,6 @@ FORMATS = ("png", "pdf", "svg")
 #: Marks an --out folder as this tool's: only then does it replace a chart it finds there.
 MARKER = ".gadms-robustness"
 _METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}, "png": {}}
-#: The `noise` of the clean queries.
-CLEAN = "none"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,37 +152,6 @@ def model_labels(paths: Sequence[str]) -> list[str]:
         seen[p] = seen.get(p, 0) + 1
         labels.append(names[p] if seen[p] == 1 else f"{names[p]}#{seen[p]}")
     return labels
-
-
-def noisy_queries(splits: Mapping[str, EvalSplit], kinds: Sequence[str], rates: Sequence[float], seed: int,
-                  vocabulary: Any) -> dict[str, dict[tuple[str, float], list[NoisyCaption]]]:
-    """{dataset: {(kind, rate): corrupted captions}} for every rate above 0; the same for every model."""
-    return {name: {(kind, rate): corrupt_captions(split.captions, kind, rate, seed=seed, vocabulary=vocabulary)
-                   for kind in kinds for rate in rates if rate > 0}
-            for name, split in splits.items()}
-
-
-def evaluate_under_noise(model: torch.nn.Module, evaluator: Any, split: EvalSplit,
-                         queries: Mapping[tuple[str, float], Sequence[NoisyCaption]]) -> list[dict[str, Any]]:
-    """Metrics of the clean queries and of every corrupted set, the gallery embedded once.
-
-    Returns:
-        One row per (noise, rate, task): {"noise", "rate", "task", "changed", R1 ... mINP};
-        the clean queries first (noise ``none``, rate 0).
-    """
-    clean = evaluator.extract(model, split)
-    conditions: list[tuple[str, float, float, dict[str, dict]]] = [(CLEAN, 0.0, 0.0, evaluator.rank(clean))]
-    for (kind, rate), noisy in queries.items():
-        # A split without images: only the queries are embedded; the gallery features are the clean pass's.
-        texts = EvalSplit(img_paths=[], image_pids=[], captions=[q.text for q in noisy],
-                          caption_pids=split.caption_pids)
-        feats = evaluator.extract(model, texts)
-        merged = {**clean, "text_pids": feats["text_pids"], "text_feats": feats["text_feats"]}
-        changed = sum(q.changed for q in noisy) / max(1, sum(q.words for q in noisy))
-        conditions.append((kind, rate, changed, evaluator.rank(merged)))
-    return [{"noise": noise, "rate": rate, "task": task, "changed": changed,
-             **{k: float(m[k]) for k in TABLE_COLUMNS}}
-            for noise, rate, changed, tasks in conditions for task, m in tasks.items()]
 
 
 def format_noise_table(rows: Sequence[Mapping[str, Any]]) -> str:
