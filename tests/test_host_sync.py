@@ -193,3 +193,17 @@ def test_fused_run_logs_the_same_metrics_as_the_default_kernel(synthetic_root, t
         assert set(a) == set(b) and a["nonfinite_steps"] == b["nonfinite_steps"] == 0
         for key in ("loss", "sdm_loss", "mlm_loss", "mlm_mask_rate", "noise_mask_rate"):
             assert b[key] == pytest.approx(a[key], rel=1e-3), key
+
+
+@pytest.mark.dist
+def test_sync_free_steps_on_two_processes_equal_one(synthetic_root, tmp_path):
+    """Fused optimiser (flags skipped on the device, all-reduced), deferred score-cache rows gathered from both
+    ranks, the stop agreement every 2 steps: 2 gloo processes x 1 micro-batch = 1 process x 2 micro-batches."""
+    from tests.test_accumulation import PRETRAIN, max_diff, run_overrides, train_layout
+
+    runs = {processes: train_layout(PRETRAIN, run_overrides(
+        synthetic_root, tmp_path / f"p{processes}", "data.batch_size=8", f"train.accum_steps={3 - processes}",
+        "solver.fused=true", "log_period=2", "train.max_steps=4"), processes) for processes in (1, 2)}
+    assert max_diff(runs[2][0], runs[1][0]) <= 1e-5
+    assert np.abs(runs[2][1] - runs[1][1]).max() <= 1e-5
+    assert (np.abs(runs[1][1] - 0.85) > 1e-6).any(axis=1).sum() >= 4 * 16  # every step's rows were stored
