@@ -103,6 +103,11 @@ class Task(HookBase):
         self.trainer = trainer
 
 
+#: Steps between the loop's host reads of its device flags (and, under DDP, the ranks' stop agreement) at
+#: most: a stop request (e.g. SLURM's SIGTERM before the kill) waits at most this many steps.
+STOP_CHECK_STEPS = 10
+
+
 class Trainer:
     """A training run described by a resolved config.
 
@@ -216,7 +221,7 @@ class Trainer:
                          autocast=functools.partial(autocast_context, self.device, cfg.precision), scaler=self.scaler,
                          grad_clip=cfg.solver.grad_clip, max_nonfinite=cfg.train.max_nonfinite,
                          max_batches=cfg.train.max_steps, accum_steps=cfg.train.accum_steps,
-                         sync_period=cfg.log_period,
+                         sync_period=min(cfg.log_period, STOP_CHECK_STEPS),
                          seek=functools.partial(position_loader, self.loader, world_size=self.world_size))
 
     @staticmethod
