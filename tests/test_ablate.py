@@ -35,7 +35,7 @@ def test_markdown_table_mean_std_intervals_and_paired_differences():
 
 def test_ablation_end_to_end_and_rerun_reuses_runs(synthetic_root, tmp_path, capsys):
     out, table = tmp_path / "abl", tmp_path / "ablation.md"
-    argv = ["--variants", "sdm", "gadms_css", "--seeds", "0", "--epochs", "2", "--data", str(synthetic_root),
+    argv = ["--backbone", "random", "--variants", "sdm", "gadms_css", "--seeds", "0", "--epochs", "2", "--data", str(synthetic_root),
             "--out", str(out), "--table", str(table), "data.batch_size=16", "solver.warmup_epochs=1",
             "train.max_steps=2", "log_period=100"]
     assert ablate.main(argv) == 0
@@ -81,9 +81,9 @@ def test_ablation_end_to_end_and_rerun_reuses_runs(synthetic_root, tmp_path, cap
     assert ablate.main(argv + ["log_period=7", "data.num_workers=1", "num_threads=1"]) == 0
     assert table.read_text().splitlines() == lines
     # Other settings are refused, naming the keys and the run folder; nothing is trained or written.
-    assert argv[5:7] == ["--epochs", "2"]
+    assert argv[7:9] == ["--epochs", "2"]
     for changed, named in ((argv + ["solver.lr=1e-2"], "solver.lr: 0.001 in the run, 0.01 asked"),
-                           (argv[:6] + ["3"] + argv[7:], "solver.epochs: 2 in the run, 3 asked")):
+                           (argv[:8] + ["3"] + argv[9:], "solver.epochs: 2 in the run, 3 asked")):
         capsys.readouterr()
         assert ablate.main(changed) == 2
         err = capsys.readouterr().err
@@ -101,7 +101,7 @@ def test_interrupted_run_is_not_recorded_and_rerun_resumes(synthetic_root, tmp_p
                 os.kill(os.getpid(), signal.SIGTERM)
 
     out = tmp_path / "abl"
-    argv = ["--variants", "sdm", "--seeds", "0", "--epochs", "2", "--data", str(synthetic_root), "--out", str(out),
+    argv = ["--backbone", "random", "--variants", "sdm", "--seeds", "0", "--epochs", "2", "--data", str(synthetic_root), "--out", str(out),
             "data.batch_size=16", "solver.warmup_epochs=1", "train.max_steps=2", "log_period=100"]
     monkeypatch.setattr(ablate, "PretrainTask", SigtermAtStep3)
     assert ablate.main(argv) == 1
@@ -117,7 +117,7 @@ def test_interrupted_run_is_not_recorded_and_rerun_resumes(synthetic_root, tmp_p
 def test_one_epoch_shortens_the_warmup_and_a_started_run_with_other_settings_is_refused(synthetic_root, tmp_path,
                                                                                         capsys):
     out = tmp_path / "abl"
-    argv = ["--epochs", "1", "--variants", "sdm", "--seeds", "0", "--data", str(synthetic_root), "--out", str(out),
+    argv = ["--backbone", "random", "--epochs", "1", "--variants", "sdm", "--seeds", "0", "--data", str(synthetic_root), "--out", str(out),
             "data.batch_size=16", "train.max_steps=2", "log_period=100"]
     assert load_config(PRETRAIN).solver.warmup_epochs == 1
     assert ablate.main(argv) == 0
