@@ -43,7 +43,7 @@ def measure(config: str, task_name: str, data: Path, out: Path, steps: int, log_
     from processor.finetune import FinetuneTask
     from processor.pretrain import PretrainTask
     from utils.config import load_config
-    from utils.host_sync import HostSyncCounter
+    from utils.host_sync import PerStep
 
     torch.set_num_threads(1)
     cfg = load_config(str(REPO / config), [f"data.root={data}", f"output_dir={out}", "data.batch_size=8",
@@ -51,29 +51,15 @@ def measure(config: str, task_name: str, data: Path, out: Path, steps: int, log_
                                            "solver.epochs=2", "solver.warmup_epochs=0", "eval.period=0", "data.num_workers=0",
                                            f"solver.fused={str(fused).lower()}", "model.finetune="])
     trainer = Trainer(cfg, PretrainTask() if task_name == "pretrain" else FinetuneTask())
-    loop = trainer.loop
+    per_step = PerStep(root=REPO)
+    trainer.loop.step_context = per_step
+    trainer.train()
     plain, logged, sites = [], [], {}
-    step, call = loop.step, loop._call
-
-    def counted_step(batch):
-        nonlocal counter
-        counter = HostSyncCounter(root=REPO)
-        with counter:
-            return step(batch)
-
-    def counted_call(name, *args):
-        if name != "after_step":
-            return call(name, *args)
-        with counter:
-            call(name, *args)
-        (logged if loop.batches_done % log_period == 0 or loop.batches_done == loop.epoch_length
-         else plain).append(counter.total)
+    for i, counter in enumerate(per_step.steps):
+        position = i % steps + 1  # the epoch's batches: steps per epoch (train.max_steps)
+        (logged if position % log_period == 0 or position == steps else plain).append(counter.total)
         for site, n in counter.sites.items():
             sites[site] = sites.get(site, 0) + n
-
-    counter = HostSyncCounter(root=REPO)
-    loop.step, loop._call = counted_step, counted_call
-    trainer.train()
     return plain, logged, sites
 
 

@@ -163,6 +163,11 @@ class TrainLoop:
         accum_steps: Loader batches per optimisation step (gradient caching when > 1).
         sync_period: Steps between the loop's host reads of device state (non-finite flags of
             skipped-on-device steps; the ranks' stop agreement). 1 = every step.
+
+    Attributes:
+        step_context: Called once per optimisation step; the context manager it returns wraps
+            the step and its `after_step` hooks (default: none; `bench/host_syncs.py` counts
+            host reads per step with it).
     """
 
     def __init__(self, model: nn.Module, loader: Iterable[Mapping[str, Any]], optimizer: torch.optim.Optimizer,
@@ -188,6 +193,7 @@ class TrainLoop:
         self.skips_on_device = bool(getattr(optimizer, "_step_supports_amp_scaling", False)) \
             and not self.scaler.is_enabled()
         self._pending_flags: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
+        self.step_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.global_step = 0
         self.epoch = 0
         self.batches_done = 0  # batches consumed in the current epoch (skipped ones included)
@@ -246,9 +252,10 @@ class TrainLoop:
             if self.batches_done % k:
                 continue  # mid-accumulation
             if pending:
-                output = self.step(pending[0]) if k == 1 else self.accumulated_step(pending)
-                if output is not None:
-                    self._call("after_step", pending[0] if k == 1 else _concat(pending), output)
+                with self.step_context():
+                    output = self.step(pending[0]) if k == 1 else self.accumulated_step(pending)
+                    if output is not None:
+                        self._call("after_step", pending[0] if k == 1 else _concat(pending), output)
                 pending = []
             # Collective under DDP (every rank stops after the same step): every sync_period steps.
             if (comm.get_world_size() == 1 or (self.batches_done // k) % self.sync_period == 0) \

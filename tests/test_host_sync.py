@@ -25,7 +25,7 @@ from processor.loop import HookBase, NonFiniteLossError, TrainLoop
 from processor.pretrain import PretrainTask
 from tests.conftest import REPO
 from utils.config import load_config
-from utils.host_sync import HostCopy, HostSyncCounter
+from utils.host_sync import HostCopy, HostSyncCounter, PerStep
 
 
 def test_counter_sees_our_value_reads_not_torchs_own():
@@ -61,28 +61,17 @@ def small_run(root, out, config, *extra):
                         "data.num_workers=0", "model.finetune=", *extra])
 
 
-def count_step_syncs(trainer):
-    """Host reads per optimisation step (the step and its after-step hooks), split by log steps."""
-    loop = trainer.loop
-    plain, logged = [], []
-    step, call = loop.step, loop._call
-    counter = [HostSyncCounter(root=REPO)]
-
-    def counted_step(batch):
-        counter[0] = HostSyncCounter(root=REPO)
-        with counter[0]:
-            return step(batch)
-
-    def counted_call(name, *args):
-        if name != "after_step":
-            return call(name, *args)
-        with counter[0]:
-            call(name, *args)
-        logs = loop.batches_done % trainer.cfg.log_period == 0 or loop.batches_done == loop.epoch_length
-        (logged if logs else plain).append(counter[0].by_site())
-
-    loop.step, loop._call = counted_step, counted_call
+def count_step_syncs(trainer, steps_per_epoch=6):
+    """Host reads per optimisation step (the step and its after-step hooks) by call site: steps without a
+    log line, steps with one."""
+    per_step = PerStep(root=REPO)
+    trainer.loop.step_context = per_step
     trainer.train()
+    plain, logged = [], []
+    for i, counter in enumerate(per_step.steps):
+        position = i % steps_per_epoch + 1
+        logs = position % trainer.cfg.log_period == 0 or position == steps_per_epoch
+        (logged if logs else plain).append(counter.by_site())
     return plain, logged
 
 

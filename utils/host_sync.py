@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["HostCopy", "HostSyncCounter", "SYNCING_CALLS"]
+__all__ = ["HostCopy", "HostSyncCounter", "PerStep", "SYNCING_CALLS"]
 
 #: Tensor methods / torch functions that return a host value or a data-dependent shape.
 SYNCING_CALLS = frozenset({
@@ -136,6 +136,19 @@ class HostSyncCounter(TorchFunctionMode):
                 continue
             return f"{os.path.relpath(path, self.root)}:{frame.lineno}"
         return "?"
+
+
+class PerStep:
+    """A fresh `HostSyncCounter` per call, all kept in `steps`: give it as a training loop's
+    `step_context` to count the host reads of each optimisation step (and its hooks)."""
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = root
+        self.steps: list[HostSyncCounter] = []
+
+    def __call__(self) -> HostSyncCounter:
+        self.steps.append(HostSyncCounter(root=self.root))
+        return self.steps[-1]
 
 
 class HostCopy:
