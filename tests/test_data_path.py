@@ -165,6 +165,16 @@ def test_loader_batches_equal_the_naive_per_sample_path(tmp_path, masking, aug):
         set_loader_epoch(loader, epoch)
         for batch in loader:
             assert int(batch.pop("num_skipped")) == 0
+            # The batch's host facts (datasets.build.add_host_facts), against a naive reading of the batch.
+            rows = batch["caption_ids"].tolist()
+            assert batch.pop("text_length") == max(row.index(Tokenizer.eot_id) for row in rows) + 1
+            positions = batch.pop("mlm_positions", None)
+            if "mlm_labels" in batch:
+                labels = batch["mlm_labels"].tolist()
+                assert positions.tolist() == [r * len(row) + c for r, row in enumerate(labels)
+                                              for c, label in enumerate(row) if label != 0]
+            else:
+                assert positions is None
             pixels = _model_pixels(batch.pop("images"))
             for row, i in enumerate(batch["index"].tolist()):
                 ref = reference_sample(index, i, epoch=epoch, seed=cfg.seed, cfg=cfg, scores=scores,
@@ -190,7 +200,7 @@ def test_workers_yield_the_batches_of_the_main_process(tmp_path):
     for a, b in zip(batches[0], batches[2], strict=True):
         assert a.keys() == b.keys()
         for key in a:
-            assert torch.equal(a[key], b[key]), key
+            assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
 
 
 # --------------------------------------------------------------------------- the image tower's uint8 input
