@@ -356,6 +356,9 @@ class ScoreCache:
         """Store the rows of an `update(..., wait=False)` still on their way (waits for their copy only)."""
         if self._pending is None:
             return
+        if self._owner_pid != os.getpid():  # a forked reader (DataLoader worker): the rows are the owner's
+            self._pending = None
+            return
         pending, self._pending = self._pending.get(), None
         if "applied" in pending and not pending["applied"].all():
             return

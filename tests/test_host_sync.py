@@ -196,3 +196,24 @@ def test_sync_free_steps_on_two_processes_equal_one(synthetic_root, tmp_path):
     assert max_diff(runs[2][0], runs[1][0]) <= 1e-5
     assert np.abs(runs[2][1] - runs[1][1]).max() <= 1e-5
     assert (np.abs(runs[1][1] - 0.85) > 1e-6).any(axis=1).sum() >= 4 * 16  # every step's rows were stored
+
+
+def _read_in_child(cache):
+    cache.get(torch.arange(3))  # must not touch the owner's rows in flight
+
+
+def test_a_forked_reader_never_stores_nor_waits_for_the_owners_rows_in_flight(tmp_path):
+    """A DataLoader worker forked while an update is in flight (on a GPU: a CUDA event it cannot use) drops it."""
+    import multiprocessing
+
+    class InFlight:
+        def get(self):
+            raise RuntimeError("the rows in flight were read in a forked process")
+
+    cache = ScoreCache(tmp_path, 4, 7, init_value=0.5, refresh="step")
+    cache._pending = InFlight()
+    child = multiprocessing.get_context("fork").Process(target=_read_in_child, args=(cache,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    cache._pending = None
