@@ -19,9 +19,7 @@ foreach optimiser reading its CPU step counters, is trusted; its wrappers that o
 dispatch a call are looked through); a blocking ``.to()``/``copy_`` between two
 different devices (on a CPU run there is none, so a host-to-device copy of a
 constant is only seen on a GPU run). Reads of tensors that are on the host by
-construction (a DataLoader's CPU batch before its copy to the device) are counted
-too; `ignore_cpu_inputs=True` skips calls whose tensor arguments all live on the
-CPU, for runs on a GPU.
+construction are counted too: wrap the code that runs once the batch is on the device.
 """
 
 from __future__ import annotations
@@ -83,8 +81,6 @@ class HostSyncCounter(TorchFunctionMode):
     """Counts host reads of tensor values (see the module doc). Re-entrant use is not supported.
 
     Args:
-        ignore_cpu_inputs: Skip calls whose tensor arguments are all on the CPU (for runs on a GPU,
-            where those do not wait for the device).
         root: Call sites are reported relative to this directory (default: the working directory).
 
     Attributes:
@@ -92,9 +88,8 @@ class HostSyncCounter(TorchFunctionMode):
         sites: Calls by ``file:line`` of the first caller outside torch.
     """
 
-    def __init__(self, *, ignore_cpu_inputs: bool = False, root: str | os.PathLike | None = None) -> None:
+    def __init__(self, *, root: str | os.PathLike | None = None) -> None:
         super().__init__()
-        self.ignore_cpu_inputs = ignore_cpu_inputs
         self.root = os.fspath(root) if root is not None else os.getcwd()
         self.counts: Counter[str] = Counter()
         self.sites: Counter[str] = Counter()
@@ -111,10 +106,8 @@ class HostSyncCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if _syncs(name, args, kwargs) and self._from_our_code():
-            tensors = _tensors(args) + _tensors(kwargs)
-            if not (self.ignore_cpu_inputs and all(t.device.type == "cpu" for t in tensors)):
-                self.counts[name] += 1
-                self.sites[f"{self._site()} ({name})"] += 1
+            self.counts[name] += 1
+            self.sites[f"{self._site()} ({name})"] += 1
         return func(*args, **kwargs)
 
     @staticmethod
