@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from torch import Tensor, nn
 
 from model.clip import QuickGELU, Transformer
@@ -90,16 +89,13 @@ class CrossModalMLM:
     def predict_tokens(self, text_tokens: Tensor, image_tokens: Tensor, positions: Tensor | None = None) -> Tensor:
         """Vocabulary logits of the masked caption: [B, L, V], or [N, V] at `positions`.
 
-        `positions` restricts the vocabulary projection to the labelled tokens: the
-        loss over them is the same as IRRA's full-sequence one, at a fraction of the
-        cost (V = 49,408). Either indices into the flattened [B * L] tokens (int64;
-        no host read) or a boolean [B, L] mask such as `labels != 0` (its size is read
-        on the host); both select in row-major order.
+        `positions` (int64 indices into the flattened [B * L] tokens, e.g. those of
+        `labels.flatten() != 0`) restricts the vocabulary projection to the labelled
+        tokens: the loss over them is the same as IRRA's full-sequence one, at a
+        fraction of the cost (V = 49,408).
         """
         hidden = self.cross_former(text_tokens, image_tokens)
-        if positions is not None and positions.dtype == torch.bool:
-            hidden = hidden[positions]
-        elif positions is not None:
+        if positions is not None:
             hidden = hidden.flatten(0, 1).index_select(0, positions)
         return self.mlm_head(hidden).float()
 
