@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         data = Path(tmp) / "data"
         generate(data, SyntheticConfig(identities=24, images_per_id=3, val_ids=8, test_ids=8, webperson_images=128,
                                        shard_size=64, seed=3), workers=1)
-        print(f"host-device syncs per optimisation step (step + after-step hooks), {args.steps} steps, "
+        print(f"host-device syncs per optimisation step (step + after-step hooks), 2 epochs x {args.steps} steps, "
               f"log line every {args.log_period}")
         print(f"{'configuration':32s} {'optimiser':8s} {'plain step':>12s} {'log step':>10s}")
         for label, (config, task) in CONFIGS.items():
